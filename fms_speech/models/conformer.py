@@ -1,0 +1,228 @@
+"""The CTC Conformer encoder of Granite Speech.
+
+Macaron Conformer blocks with block-local attention (Shaw relative positions), a depthwise
+convolution module and a self-conditioned CTC branch in the middle layer.
+
+Compile notes: every shape below is derived from tensor sizes with integer arithmetic, so a
+single graph compiled with a dynamic time axis serves every length. Padding is handled with
+masks built from `feature_lengths`, never with Python branches on data.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fms.modules.feedforward import FeedForwardBlock
+from fms.utils.config import ModelConfig
+
+
+@dataclass
+class ConformerConfig(ModelConfig):
+    input_dim: int = 160
+    num_layers: int = 16
+    hidden_dim: int = 1024
+    feedforward_mult: int = 4
+    num_heads: int = 8
+    dim_head: int = 128
+    output_dim: int = 256
+    context_size: int = 200
+    max_pos_emb: int = 512
+    conv_kernel_size: int = 15
+    conv_expansion_factor: int = 2
+    layer_norm_eps: float = 1e-5
+
+
+def frame_mask(feature_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, num_frames) bool: True where a frame belongs to its clip."""
+    positions = torch.arange(num_frames, device=feature_lengths.device)
+    return positions[None, :] < feature_lengths[:, None]
+
+
+class ConformerFeedForward(nn.Module):
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        self.pre_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.mlp = FeedForwardBlock(
+            config.hidden_dim,
+            hidden_grow_factor=config.feedforward_mult,
+            activation_fn=nn.SiLU(),
+            p_dropout=0.0,
+            use_bias=True,
+        )
+
+    def reset_parameters(self):
+        self.pre_norm.reset_parameters()
+        self.mlp.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pre_norm(x))
+
+
+class BlockRelativeAttention(nn.Module):
+    """Self-attention inside blocks of `context_size` frames, with Shaw relative positions.
+
+    The positional term q_i . E[i - j] is added to the scores as a float bias. Keys beyond a
+    clip's length are masked, which covers both the right padding up to a block multiple (as
+    the reference does) and the padding of shorter clips in a batch (which the reference leaks).
+    """
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        if not 0 < config.context_size <= config.max_pos_emb:
+            raise ValueError(
+                f"context_size must be in (0, max_pos_emb={config.max_pos_emb}], "
+                f"got {config.context_size}"
+            )
+        self.num_heads = config.num_heads
+        self.dim_head = config.dim_head
+        self.context_size = config.context_size
+        self.max_pos_emb = config.max_pos_emb
+        self.scale = config.dim_head**-0.5
+        inner_dim = config.num_heads * config.dim_head
+        self.pre_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.to_q = nn.Linear(config.hidden_dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(config.hidden_dim, 2 * inner_dim, bias=False)
+        self.to_out = nn.Linear(inner_dim, config.hidden_dim)
+        self.rel_pos_emb = nn.Embedding(2 * config.max_pos_emb + 1, config.dim_head)
+
+    def reset_parameters(self):
+        self.pre_norm.reset_parameters()
+        for linear in (self.to_q, self.to_kv, self.to_out):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(self.to_out.bias)
+        nn.init.normal_(self.rel_pos_emb.weight, std=0.02)
+
+    def _positional_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """scale * q_i . rel_pos_emb[clamp(i - j, -C, C) + max_pos_emb] for each (i, j) in a block.
+
+        Scores against the 2C+1 distinct offsets, then a gather: cheaper than materialising the
+        (C, C, dim_head) embedding table per layer, and free of size-1 broadcasting branches.
+        """
+        block = self.context_size
+        table = self.rel_pos_emb.weight[self.max_pos_emb - block : self.max_pos_emb + block + 1]
+        scores = F.linear(q, table) * self.scale  # (..., C, 2C + 1), column k is offset k - C
+        offsets = torch.arange(block, device=q.device)
+        column = offsets[:, None] - offsets[None, :] + block  # i - j + C, in [1, 2C - 1]
+        return torch.gather(scores, -1, column.expand(*scores.shape[:-1], block))
+
+    def forward(self, x: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        batch, num_frames, _ = x.shape
+        block = self.context_size
+        # padded length written as num_blocks * block (not T + (-T % block)), and blocks made
+        # with unflatten/flatten, so the symbolic shapes need no guard that varies with T or B
+        num_blocks = (num_frames + block - 1) // block
+        pad = num_blocks * block - num_frames
+        x = F.pad(self.pre_norm(x), (0, 0, 0, pad))
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            t = t.unflatten(1, (num_blocks, block)).flatten(0, 1)
+            return t.unflatten(-1, (self.num_heads, self.dim_head)).transpose(1, 2)
+
+        q = blocks(self.to_q(x))
+        k, v = (blocks(t) for t in self.to_kv(x).chunk(2, dim=-1))
+        bias = self._positional_scores(q)
+        # finfo.min rather than -inf: a block with no valid key (padding of a short clip in a
+        # batch) then softmaxes to finite garbage that is dropped later, never to NaN.
+        key_valid = F.pad(frame_valid, (0, pad)).unflatten(1, (num_blocks, block)).flatten(0, 1)
+        bias = bias.masked_fill(~key_valid[:, None, None, :], torch.finfo(bias.dtype).min)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = out.transpose(1, 2).flatten(2).unflatten(0, (batch, num_blocks)).flatten(1, 2)
+        return self.to_out(out[:, :num_frames])
+
+
+class ConformerConvModule(nn.Module):
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        inner_dim = config.hidden_dim * config.conv_expansion_factor
+        kernel = config.conv_kernel_size
+        self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.up_conv = nn.Conv1d(config.hidden_dim, 2 * inner_dim, 1)
+        # 'same' padding, one frame shorter on the right for even kernels (as the reference)
+        self.padding = (kernel // 2, kernel // 2 - (kernel + 1) % 2)
+        self.depth_conv = nn.Conv1d(inner_dim, inner_dim, kernel, groups=inner_dim, bias=False)
+        self.batch_norm = nn.BatchNorm1d(inner_dim)
+        self.down_conv = nn.Conv1d(inner_dim, config.hidden_dim, 1)
+
+    def reset_parameters(self):
+        self.norm.reset_parameters()
+        for conv in (self.up_conv, self.depth_conv, self.down_conv):
+            conv.reset_parameters()
+        self.batch_norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        # pointwise convolutions as matrix products on the (B, T, C) layout
+        x = F.linear(x, self.up_conv.weight.squeeze(-1), self.up_conv.bias)
+        x = F.glu(x, dim=-1)
+        # padded frames of a short clip must look like the zero padding it gets alone
+        x = x * frame_valid.unsqueeze(-1).to(x.dtype)
+        x = F.conv1d(
+            F.pad(x.transpose(1, 2), self.padding), self.depth_conv.weight, groups=x.shape[-1]
+        )
+        bn = self.batch_norm
+        # inference semantics always: running statistics, whatever the module's mode
+        x = F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps
+        )
+        x = F.silu(x).transpose(1, 2)
+        return F.linear(x, self.down_conv.weight.squeeze(-1), self.down_conv.bias)
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        self.ff1 = ConformerFeedForward(config)
+        self.attn = BlockRelativeAttention(config)
+        self.conv = ConformerConvModule(config)
+        self.ff2 = ConformerFeedForward(config)
+        self.post_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+
+    def reset_parameters(self):
+        for module in (self.ff1, self.attn, self.conv, self.ff2, self.post_norm):
+            module.reset_parameters()
+
+    def forward(self, x: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ff1(x)
+        x = x + self.attn(x, frame_valid)
+        x = x + self.conv(x, frame_valid)
+        x = x + 0.5 * self.ff2(x)
+        return self.post_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    """log-mel features (B, T, input_dim) -> hidden states (B, T, hidden_dim)."""
+
+    def __init__(self, config: ConformerConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = (config or ConformerConfig()).updated(**kwargs)
+        c = self.config
+        self.input_linear = nn.Linear(c.input_dim, c.hidden_dim)
+        self.layers = nn.ModuleList([ConformerBlock(c) for _ in range(c.num_layers)])
+        self.out = nn.Linear(c.hidden_dim, c.output_dim)
+        self.out_mid = nn.Linear(c.output_dim, c.hidden_dim)
+
+    def reset_parameters(self):
+        for linear in (self.input_linear, self.out, self.out_mid):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        for layer in self.layers:
+            layer.reset_parameters()
+
+    def forward(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        batch, num_frames, _ = input_features.shape
+        if feature_lengths is None:
+            feature_lengths = torch.full(
+                (batch,), num_frames, dtype=torch.long, device=input_features.device
+            )
+        frame_valid = frame_mask(feature_lengths, num_frames)
+        x = self.input_linear(input_features)
+        # self-conditioned CTC after block num_layers // 2 (1-based), as trained
+        mid_layer = self.config.num_layers // 2 - 1
+        for index, layer in enumerate(self.layers):
+            x = layer(x, frame_valid)
+            if index == mid_layer:
+                x = x + self.out_mid(torch.softmax(self.out(x), dim=-1))
+        return x

@@ -1,0 +1,405 @@
+"""Granite Speech as an FMS model: Conformer encoder -> Q-Former projector -> Granite LLM.
+
+The LLM is FMS's own `Granite`; the audio LoRA is added to its fused QKV projections. The audio
+vectors are written into the prompt's embeddings at the `<|audio|>` placeholders with a gather
+and a `where`, so the merge has no data-dependent shapes and the whole forward is one graph.
+"""
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fms import models
+from fms.models.granite import Granite, GraniteConfig
+from fms.models.granite import _hf_to_fms_rope as _granite_hf_to_fms_rope
+from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
+from fms.models.hf.config_utils.param_builders import build_granite_params
+from fms.utils import serialization
+from fms.utils.config import ModelConfig
+
+from fms_speech import checkpoint
+from fms_speech.models.conformer import ConformerConfig, ConformerEncoder, frame_mask
+from fms_speech.models.lora import add_lora
+from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
+
+logger = logging.getLogger(__name__)
+
+_architecture_name = "granite_speech"
+
+
+@dataclass
+class GraniteSpeechConfig(ModelConfig):
+    encoder_config: ConformerConfig = field(default_factory=ConformerConfig)
+    projector_config: QFormerConfig = field(default_factory=QFormerConfig)
+    text_config: GraniteConfig = field(default_factory=GraniteConfig)
+    audio_token_index: int = 49159
+    lora_rank: int = 64  # 0: no audio adapter
+    fused_weights: bool = True
+
+
+class GraniteSpeech(nn.Module):
+    def __init__(self, config: GraniteSpeechConfig | None = None, **kwargs):
+        super().__init__()
+        self.config = (config or GraniteSpeechConfig()).updated(**kwargs)
+        if not self.config.fused_weights:
+            raise ValueError("GraniteSpeech needs fused_weights=True (the LoRA rides on them)")
+        self.encoder = ConformerEncoder(self.config.encoder_config)
+        self.projector = QFormerProjector(self.config.projector_config)
+        self.language_model = Granite(self.config.text_config)
+        self._adapter_gate = (
+            add_lora(self.language_model, self.config.lora_rank)
+            if (self.config.lora_rank > 0)
+            else None
+        )
+
+    @classmethod
+    def from_config(cls, config: GraniteSpeechConfig) -> "GraniteSpeech":
+        return cls(config)
+
+    def get_config(self) -> GraniteSpeechConfig:
+        return self.config
+
+    def reset_parameters(self):
+        self.encoder.reset_parameters()
+        self.projector.reset_parameters()
+        self.language_model.reset_parameters()  # FMS resets our LoRA QKV with the rest
+
+    def post_init(self):
+        # called by get_model after loading: parameters still on meta were in no checkpoint
+        self.language_model.post_init()
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        missing = sorted(n for n, t in tensors.items() if t.is_meta)
+        if missing and len(missing) < len(tensors):
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
+            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected audio vectors (B, N, text_hidden); row b's first n_b are its clip's."""
+        batch, num_frames, _ = input_features.shape
+        if feature_lengths is None:
+            feature_lengths = torch.full(
+                (batch,), num_frames, dtype=torch.long, device=input_features.device
+            )
+        # Run at least two attention blocks (masked padding, so results are unchanged): with a
+        # single block a batch of one clip hits size-1 special cases in the symbolic shapes and
+        # recompiles. sym_max keeps this a shape expression rather than a Python branch.
+        min_frames = self.config.encoder_config.context_size + 1
+        padded = F.pad(input_features, (0, 0, 0, torch.sym_max(0, min_frames - num_frames)))
+        encoder_states = self.encoder(padded, feature_lengths)
+        frame_valid = frame_mask(feature_lengths, encoder_states.shape[1])
+        audio = self.projector(encoder_states, frame_valid)
+        c = self.config.projector_config
+        num_windows = (num_frames + c.window_size - 1) // c.window_size
+        return audio[:, : num_windows * (c.window_size // c.downsample_rate)]
+
+    def audio_token_counts(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """How many `<|audio|>` placeholders each row's prompt must carry."""
+        if feature_lengths is None:
+            feature_lengths = torch.full((input_features.shape[0],), input_features.shape[1])
+        c = self.config.projector_config
+        return num_audio_tokens(feature_lengths, c.window_size, c.downsample_rate)
+
+    def _merge_audio(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, audio: torch.Tensor
+    ) -> torch.Tensor:
+        is_audio = input_ids == self.config.audio_token_index
+        # the k-th placeholder of a row takes the row's k-th audio vector
+        index = (is_audio.cumsum(dim=1) - 1).clamp(min=0, max=audio.shape[1] - 1)
+        gathered = torch.gather(audio, 1, index.unsqueeze(-1).expand(-1, -1, audio.shape[-1]))
+        return torch.where(is_audio.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
+
+    def _check_placeholders(self, input_ids, input_features, feature_lengths):
+        expected = self.audio_token_counts(input_features, feature_lengths).tolist()
+        found = (input_ids == self.config.audio_token_index).sum(dim=1).tolist()
+        for row, (n_found, n_expected) in enumerate(zip(found, expected, strict=False)):
+            if n_found != n_expected:
+                raise ValueError(
+                    f"row {row}: the prompt has {n_found} <|audio|> tokens but its clip has "
+                    f"{n_expected} audio tokens"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_value_states: list | None = None,
+        use_cache: bool = False,
+        lora_gate: torch.Tensor | None = None,
+        last_n_tokens: int = 0,
+        **attn_kwargs,
+    ):
+        """Logits (B, L, vocab) / logits_scaling; with use_cache, also the new KV cache.
+
+        lora_gate (B,): 1.0 turns the audio LoRA on for a row, 0.0 off. Default: on for every
+        row when `input_features` is given, off otherwise; decode steps after an audio prefill
+        pass the prefill's gate again (see fms_speech.generation).
+        """
+        is_audio = input_ids == self.config.audio_token_index
+        text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
+        embeds = self.language_model.base_model.embedding(text_ids)
+        if input_features is not None:
+            if not torch.compiler.is_compiling():
+                self._check_placeholders(input_ids, input_features, feature_lengths)
+            audio = self.get_audio_features(input_features.to(embeds.dtype), feature_lengths)
+            embeds = self._merge_audio(input_ids, embeds, audio)
+        if lora_gate is None:
+            fill = 1.0 if input_features is not None else 0.0
+            lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
+        if self._adapter_gate is not None:
+            self._adapter_gate.value = lora_gate
+        try:
+            # always with a cache: FMS's SDPA path without one mistakes (B, L, kv_heads, d) keys
+            # for (B, kv_heads, L, d) when L == kv_heads (ibm-fms 1.13.1)
+            logits, cache = self.language_model(
+                embeds,
+                position_ids=position_ids,
+                past_key_value_states=past_key_value_states,
+                use_cache=True,
+                last_n_tokens=last_n_tokens,
+                **attn_kwargs,
+            )
+        finally:
+            if self._adapter_gate is not None:
+                self._adapter_gate.value = None
+        return (logits, cache) if use_cache else logits
+
+
+# ---- variants (shapes from the published config.json files; a checkpoint's own config wins)
+
+
+def _granite_text(**overrides) -> GraniteConfig:
+    base = {
+        "src_vocab_size": 49160,
+        "emb_dim": 2048,
+        "norm_eps": 1e-5,
+        "nheads": 32,
+        "head_dim": 64,
+        "kvheads": 8,
+        "nlayers": 40,
+        "hidden_grow_factor": 8192 / 2048,
+        "multiple_of": 1,
+        "max_expected_seq_len": 131072,
+        "rope_theta": 1e7,
+        "p_dropout": 0.0,
+        "tie_heads": True,
+        "embedding_multiplier": 12.0,
+        "logits_scaling": 8.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.015625,
+        "activation_fn": "silu",
+    }
+    base.update(overrides)
+    return GraniteConfig(**base)
+
+
+_text_8b = {
+    "emb_dim": 4096,
+    "head_dim": 128,
+    "hidden_grow_factor": 12800 / 4096,
+    "attention_multiplier": 0.0078125,
+    "logits_scaling": 16.0,
+}
+
+_3_3_2b_config = GraniteSpeechConfig(text_config=_granite_text())
+_3_3_8b_config = GraniteSpeechConfig(
+    projector_config=QFormerConfig(output_size=4096), text_config=_granite_text(**_text_8b)
+)
+_3_2_8b_config = GraniteSpeechConfig(
+    encoder_config=ConformerConfig(num_layers=10, output_dim=42),
+    projector_config=QFormerConfig(output_size=4096),
+    text_config=_granite_text(**_text_8b, src_vocab_size=49156),
+    audio_token_index=49155,
+)
+# granite-4.0-1b-speech: Granite 4.0 1B dense LLM; the published config.json is the authority
+_4_0_1b_config = GraniteSpeechConfig(
+    encoder_config=ConformerConfig(output_dim=348),
+    projector_config=QFormerConfig(output_size=2048),
+    text_config=_granite_text(
+        src_vocab_size=100353,
+        nheads=16,
+        kvheads=4,
+        head_dim=128,
+        hidden_grow_factor=4096 / 2048,
+        rope_theta=10_000.0,
+        attention_multiplier=0.0078125,
+    ),
+    audio_token_index=100352,
+)
+
+
+def _granite_speech_factory_factory(config):
+    def factory(**kwargs):
+        return GraniteSpeech(config, **kwargs)
+
+    return factory
+
+
+models.register_model(_architecture_name, "3.3-2b", _granite_speech_factory_factory(_3_3_2b_config))
+models.register_model(_architecture_name, "3.3-8b", _granite_speech_factory_factory(_3_3_8b_config))
+models.register_model(_architecture_name, "3.2-8b", _granite_speech_factory_factory(_3_2_8b_config))
+models.register_model(_architecture_name, "4.0-1b", _granite_speech_factory_factory(_4_0_1b_config))
+
+
+# ---- transformers config -> ours (fms.models.get_model("hf_pretrained", model_path=DIR))
+
+
+def build_granite_speech_params(config) -> dict:
+    """Map transformers' GraniteSpeechConfig to GraniteSpeech keyword overrides."""
+    text = config.text_config
+    if text.model_type != "granite":
+        raise ValueError(f"unsupported LLM type {text.model_type!r} (expected 'granite')")
+    encoder, projector = config.encoder_config, config.projector_config
+    text_params = build_granite_params(text)
+    text_params["tie_heads"] = bool(
+        getattr(config, "tie_word_embeddings", text_params["tie_heads"])
+    )
+    model_dir = getattr(config, "_name_or_path", None)
+    return {
+        "encoder_config": ConformerConfig(
+            input_dim=encoder.input_dim,
+            num_layers=encoder.num_layers,
+            hidden_dim=encoder.hidden_dim,
+            feedforward_mult=encoder.feedforward_mult,
+            num_heads=encoder.num_heads,
+            dim_head=encoder.dim_head,
+            output_dim=encoder.output_dim,
+            context_size=encoder.context_size,
+            max_pos_emb=encoder.max_pos_emb,
+            conv_kernel_size=encoder.conv_kernel_size,
+            conv_expansion_factor=encoder.conv_expansion_factor,
+        ),
+        "projector_config": QFormerConfig(
+            hidden_size=projector.hidden_size,
+            num_layers=projector.num_hidden_layers,
+            num_heads=projector.num_attention_heads,
+            intermediate_size=projector.intermediate_size,
+            cross_attention_frequency=projector.cross_attention_frequency,
+            encoder_hidden_size=projector.encoder_hidden_size,
+            layer_norm_eps=projector.layer_norm_eps,
+            window_size=config.window_size,
+            downsample_rate=config.downsample_rate,
+            output_size=text.hidden_size,
+        ),
+        "text_config": GraniteConfig(**text_params),
+        "audio_token_index": config.audio_token_index,
+        "lora_rank": checkpoint.adapter_rank(model_dir) if model_dir else 0,
+    }
+
+
+_FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info(
+    "GraniteSpeechForConditionalGeneration", _architecture_name, build_granite_speech_params
+)
+
+
+# ---- serialization: transformers 4.x / 5.x names (+ PEFT adapter keys) -> ours
+
+# checkpoint prefixes of transformers 5.x -> the 4.x ones the rules below use
+_V5_PREFIXES = [
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.projector\.", "projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+
+_AUDIO_RULES = [
+    (r"^encoder\.layers\.(\d+)\.(ff[12])\.up_proj\.", r"encoder.layers.\1.\2.mlp.w1."),
+    (r"^encoder\.layers\.(\d+)\.(ff[12])\.down_proj\.", r"encoder.layers.\1.\2.mlp.w2."),
+    (r"^encoder\.layers\.(\d+)\.conv\.depth_conv\.conv\.", r"encoder.layers.\1.conv.depth_conv."),
+    (r"^projector\.qformer\.layernorm\.", "projector.query_norm."),
+    (r"^projector\.qformer\.encoder\.layer\.", "projector.layers."),
+    (r"\.attention\.attention\.", ".self_attention."),
+    (r"\.attention\.output\.dense\.", ".self_attention.dense."),
+    (r"\.attention\.output\.LayerNorm\.", ".self_attention.layer_norm."),
+    (r"\.crossattention\.attention\.", ".cross_attention."),
+    (r"\.crossattention\.output\.dense\.", ".cross_attention.dense."),
+    (r"\.crossattention\.output\.LayerNorm\.", ".cross_attention.layer_norm."),
+    (r"\.intermediate_query\.dense\.", ".mlp.w1."),
+    (r"\.output_query\.dense\.", ".mlp.w2."),
+    (r"\.output_query\.LayerNorm\.", ".mlp_norm."),
+]
+
+_LORA_KEY = re.compile(
+    r"^language_model\.model\.layers\.(\d+)\.self_attn\.([qv])_proj\.lora_([AB])\.weight$"
+)
+
+
+def _canonical(name: str) -> str:
+    for pattern, replacement in _V5_PREFIXES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _lora_to_fms(name: str, tensor, text_config: GraniteConfig) -> tuple[str, Any]:
+    layer, proj, ab = _LORA_KEY.match(name).groups()
+    if proj == "q" and ab == "B":
+        # the q rows are permuted for FMS's RoPE layout: permute the LoRA's output rows alike
+        fake = f"base_model.layers.{layer}.attn.in_proj.query.weight"
+        tensor = _granite_hf_to_fms_rope({fake: tensor}, model_config=text_config)[fake]
+    return f"language_model.base_model.layers.{layer}.attn.in_proj.lora_{proj}_{ab.lower()}", tensor
+
+
+def _hf_to_fms(
+    input_sd: Mapping[str, Any], model_config: GraniteSpeechConfig | None = None, **kwargs
+) -> Mapping[str, Any]:
+    config = model_config or GraniteSpeechConfig()
+    new_sd, llm_sd, unexpected = {}, {}, []
+    for name, tensor in input_sd.items():
+        name = _canonical(name)
+        if name.startswith(("encoder.", "projector.")):
+            for pattern, replacement in _AUDIO_RULES:
+                name = re.sub(pattern, replacement, name)
+            new_sd[name] = tensor
+        elif _LORA_KEY.match(name):
+            new_name, tensor = _lora_to_fms(name, tensor, config.text_config)
+            new_sd[new_name] = tensor
+        elif name.startswith("language_model."):
+            llm_sd[name.removeprefix("language_model.")] = tensor
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"unexpected keys in the checkpoint: {', '.join(sorted(unexpected))}")
+    if llm_sd:
+        granite_adapter = serialization._get_adapter("granite", "hf")
+        adapted = granite_adapter(llm_sd, model_config=config.text_config)
+        new_sd.update((f"language_model.{k}", v) for k, v in adapted.items())
+    _check_shapes(new_sd, config)
+    return new_sd
+
+
+@lru_cache(maxsize=4)
+def _expected_shapes(config_json: str) -> dict:
+    config = GraniteSpeechConfig._load_from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = GraniteSpeech(config)
+    return {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _check_shapes(sd: Mapping[str, Any], config: GraniteSpeechConfig):
+    expected = _expected_shapes(json.dumps(config.as_dict(), sort_keys=True))
+    for name, tensor in sd.items():
+        if name not in expected:
+            raise ValueError(f"unexpected key in the checkpoint: {name}")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise ValueError(
+                f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                f"model {tuple(expected[name])}"
+            )
+
+
+serialization.register_adapter_step(_architecture_name, "hf_to_fms", _hf_to_fms)
+serialization.register_adapter(_architecture_name, "hf", ["hf_to_fms"])
