@@ -59,7 +59,7 @@ def load_adapter(model_dir: Path) -> dict[str, torch.Tensor]:
     scaling = config["lora_alpha"] / config["r"]
     tensors = {}
     with safe_open(model_dir / ADAPTER_WEIGHTS, framework="pt") as adapter:
-        for key in adapter:
+        for key in adapter.keys():  # noqa: SIM118 (safe_open is not iterable)
             tensor = adapter.get_tensor(key)
             name = key.removeprefix(_PEFT_PREFIX)
             if ".lora_B." in name:
