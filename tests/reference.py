@@ -113,26 +113,34 @@ def make_reference(
     return peft_model
 
 
-def save_reference(peft_model, directory: Path, max_shard_size: str = "20KB") -> Path:
-    """save_pretrained of base model (sharded) + adapter into one hub-style directory."""
+def save_reference(peft_model, directory: Path, max_shard_size: str = "50KB") -> Path:
+    """Hub layout: sharded base weights (save_pretrained) + the PEFT adapter beside them."""
     directory = Path(directory)
     base = peft_model.get_base_model()
-    with peft_model.disable_adapter():
-        pass
-    tmp = directory.with_name(directory.name + "_base")
-    # unload the LoRA layers into a plain copy for the base weights
-    state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
-    state = {k.replace(".base_layer.", "."): v for k, v in state.items()}
+    # the base weights without the LoRA layers, under their plain names
+    state = {
+        k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
+    }
     plain = GraniteSpeechForConditionalGeneration(base.config).eval()
     plain.load_state_dict(state, strict=False)
     plain.save_pretrained(directory, max_shard_size=max_shard_size)
-    peft_model.save_pretrained(tmp)
+    adapter_dir = directory.with_name(directory.name + "_adapter")
+    peft_model.save_pretrained(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(tmp / name, directory / name)
-    shutil.rmtree(tmp)
+        shutil.copy(adapter_dir / name, directory / name)
+    shutil.rmtree(adapter_dir)
     return directory
 
 
 def index_shards(directory: Path) -> list[str]:
     index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
     return sorted(set(index["weight_map"].values()))
+
+
+def prompt_ids(num_audio: int, prefix=(5, 6, 7), suffix=(8, 9, 10, 11)) -> list[int]:
+    return [*prefix, *([AUDIO_TOKEN] * num_audio), *suffix]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (the tolerance measure of the tests)."""
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
