@@ -1,0 +1,162 @@
+"""Loading hub-style checkpoint directories through FMS's own entry points."""
+
+import json
+import shutil
+
+import fms.models
+import pytest
+import torch
+from reference import index_shards, prompt_ids, relative_error
+from safetensors.torch import load_file, save_file
+
+from fms_speech.models.granite_speech import build_granite_speech_params
+
+
+def _logits(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, 30, 160, generator=generator)
+    ids = torch.tensor([prompt_ids(int(model.audio_token_counts(features).item()))])
+    with torch.no_grad():
+        return model(ids, input_features=features)
+
+
+def _all_weights(directory):
+    weights = {}
+    for shard in index_shards(directory):
+        weights.update(load_file(directory / shard))
+    return weights
+
+
+def _copy_without_weights(source, target):
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    return target
+
+
+@pytest.fixture(scope="module")
+def saved(checkpoints):
+    reference, model, directory = checkpoints["odd_layers_even_kernel"]
+    return model, directory, _logits(model)
+
+
+def test_checkpoint_uses_transformers_4_names_and_shards(saved):
+    _, directory, _ = saved
+    names = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(name.startswith("language_model.model.") for name in names)
+    assert any(name.startswith("encoder.layers.0.conv.batch_norm.running_var") for name in names)
+    assert len(index_shards(directory)) > 1
+
+
+def test_orphaned_shard_set_is_ignored(saved, tmp_path):
+    model, directory, expected = saved
+    target = tmp_path / "with_orphans"
+    shutil.copytree(directory, target)
+    # an older, incompatible shard set beside the indexed one, as on the hub
+    orphan = {"encoder.out.weight": torch.zeros(42, 32), "encoder.out.bias": torch.zeros(42)}
+    save_file(orphan, target / "model-00001-of-00003.safetensors")
+    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    assert relative_error(_logits(loaded), expected) == 0.0
+
+
+def test_transformers_5_names_single_file(saved, tmp_path):
+    model, directory, expected = saved
+    target = _copy_without_weights(directory, tmp_path / "v5")
+    renamed = {}
+    for name, tensor in _all_weights(directory).items():
+        for old, new in (
+            ("encoder.", "model.encoder."),
+            ("projector.", "model.projector."),
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+        ):
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        renamed[name] = tensor
+    save_file(renamed, target / "model.safetensors")
+    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    assert relative_error(_logits(loaded), expected) == 0.0
+
+
+def test_adapter_with_transformers_4_key_names(saved, tmp_path):
+    model, directory, expected = saved
+    target = tmp_path / "adapter_v4"
+    shutil.copytree(directory, target)
+    adapter = load_file(directory / "adapter_model.safetensors")
+    assert all(k.startswith("base_model.model.model.language_model.") for k in adapter)
+    renamed = {
+        k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+        for k, v in adapter.items()
+    }
+    save_file(renamed, target / "adapter_model.safetensors")
+    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    assert relative_error(_logits(loaded), expected) == 0.0
+
+
+def test_adapter_scaling_comes_from_its_config(saved, tmp_path):
+    model, directory, expected = saved
+    target = tmp_path / "alpha"
+    shutil.copytree(directory, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["lora_alpha"] *= 2
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    first = next(m for m in loaded.modules() if hasattr(m, "lora_q_b"))
+    original = next(m for m in model.modules() if hasattr(m, "lora_q_b"))
+    torch.testing.assert_close(first.lora_v_b, 2 * original.lora_v_b)
+
+
+def test_variant_path_with_source_hf(saved):
+    model, directory, expected = saved
+    from transformers import AutoConfig
+
+    params = build_granite_speech_params(AutoConfig.from_pretrained(directory))
+    loaded = fms.models.get_model(
+        "granite_speech", "3.3-2b", model_path=str(directory), source="hf", **params
+    ).eval()
+    assert relative_error(_logits(loaded), expected) == 0.0
+
+
+def test_wrong_variant_names_the_mismatched_shape(saved):
+    _, directory, _ = saved
+    with pytest.raises(ValueError, match=r"shape mismatch for \S+: checkpoint \(.*\), model \("):
+        fms.models.get_model("granite_speech", "3.3-2b", model_path=str(directory), source="hf")
+
+
+def test_missing_weight_is_named(saved, tmp_path):
+    _, directory, _ = saved
+    target = _copy_without_weights(directory, tmp_path / "missing")
+    weights = _all_weights(directory)
+    del weights["encoder.layers.1.conv.batch_norm.running_mean"]
+    save_file(weights, target / "model.safetensors")
+    with pytest.raises(ValueError, match="missing 1 weights: encoder.layers.1.conv.batch_norm.running_mean"):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+
+
+def test_unexpected_key_is_named(saved, tmp_path):
+    _, directory, _ = saved
+    target = _copy_without_weights(directory, tmp_path / "unexpected")
+    weights = _all_weights(directory)
+    weights["encoder.layers.0.attn.bogus.weight"] = torch.zeros(3)
+    save_file(weights, target / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected key.*encoder.layers.0.attn.bogus.weight"):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+
+
+def test_index_naming_an_absent_shard_fails_clearly(saved, tmp_path):
+    _, directory, _ = saved
+    target = tmp_path / "absent"
+    shutil.copytree(directory, target)
+    first = index_shards(directory)[0]
+    (target / first).unlink()
+    with pytest.raises(FileNotFoundError, match=first):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+
+
+def test_without_adapter_builds_no_lora(saved, tmp_path):
+    model, directory, _ = saved
+    target = tmp_path / "no_adapter"
+    shutil.copytree(directory, target)
+    (target / "adapter_model.safetensors").unlink()
+    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    assert loaded.config.lora_rank == 0
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
