@@ -9,9 +9,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fms.models  # noqa: E402
+from reference import make_reference, reference_config, save_reference  # noqa: E402
 
 import fms_speech  # noqa: E402, F401  (registers granite_speech)
-from reference import make_reference, reference_config, save_reference  # noqa: E402
 
 # Each differs from the published defaults in several of the ways the reference allows.
 CONFIGS = {

@@ -84,7 +84,9 @@ def test_adapter_with_transformers_4_key_names(saved, tmp_path):
     adapter = load_file(directory / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.model.language_model.") for k in adapter)
     renamed = {
-        k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+        k.replace(
+            "base_model.model.model.language_model.", "base_model.model.language_model.model."
+        ): v
         for k, v in adapter.items()
     }
     save_file(renamed, target / "adapter_model.safetensors")
@@ -128,7 +130,9 @@ def test_missing_weight_is_named(saved, tmp_path):
     weights = _all_weights(directory)
     del weights["encoder.layers.1.conv.batch_norm.running_mean"]
     save_file(weights, target / "model.safetensors")
-    with pytest.raises(ValueError, match="missing 1 weights: encoder.layers.1.conv.batch_norm.running_mean"):
+    with pytest.raises(
+        ValueError, match="missing 1 weights: encoder.layers.1.conv.batch_norm.running_mean"
+    ):
         fms.models.get_model("hf_pretrained", model_path=str(target))
 
 

@@ -109,9 +109,11 @@ class BlockRelativeAttention(nn.Module):
     def forward(self, x: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
         batch, num_frames, _ = x.shape
         block = self.context_size
-        # padded length written as num_blocks * block (not T + (-T % block)), and blocks made
-        # with unflatten/flatten, so the symbolic shapes need no guard that varies with T or B
-        num_blocks = (num_frames + block - 1) // block
+        # T // C + 2 blocks: the ceil(T / C) the clip needs plus one or two fully masked ones.
+        # Never a single block, so no batch ever has B * blocks == 1, a size-1 case on which
+        # the symbolic shapes branch (a recompile); blocks are made with unflatten/flatten of
+        # a length written as blocks * C, so no guard varies with T or B.
+        num_blocks = num_frames // block + 2
         pad = num_blocks * block - num_frames
         x = F.pad(self.pre_norm(x), (0, 0, 0, pad))
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from fms import models
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.granite import _hf_to_fms_rope as _granite_hf_to_fms_rope
@@ -91,17 +90,9 @@ class GraniteSpeech(nn.Module):
             feature_lengths = torch.full(
                 (batch,), num_frames, dtype=torch.long, device=input_features.device
             )
-        # Run at least two attention blocks (masked padding, so results are unchanged): with a
-        # single block a batch of one clip hits size-1 special cases in the symbolic shapes and
-        # recompiles. sym_max keeps this a shape expression rather than a Python branch.
-        min_frames = self.config.encoder_config.context_size + 1
-        padded = F.pad(input_features, (0, 0, 0, torch.sym_max(0, min_frames - num_frames)))
-        encoder_states = self.encoder(padded, feature_lengths)
-        frame_valid = frame_mask(feature_lengths, encoder_states.shape[1])
-        audio = self.projector(encoder_states, frame_valid)
-        c = self.config.projector_config
-        num_windows = (num_frames + c.window_size - 1) // c.window_size
-        return audio[:, : num_windows * (c.window_size // c.downsample_rate)]
+        encoder_states = self.encoder(input_features, feature_lengths)
+        frame_valid = frame_mask(feature_lengths, num_frames)
+        return self.projector(encoder_states, frame_valid)
 
     def audio_token_counts(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None

@@ -124,7 +124,8 @@ class QFormerProjector(nn.Module):
         if frame_valid is not None:
             # a clip's last window sees zeros past its end, exactly as when it runs alone
             encoder_states = encoder_states * frame_valid.unsqueeze(-1).to(encoder_states.dtype)
-        num_windows = (num_frames + window - 1) // window
+        # T // W + 2 windows, at least two (see BlockRelativeAttention), cut to ceil(T / W) below
+        num_windows = num_frames // window + 2
         pad = num_windows * window - num_frames
         windows = F.pad(encoder_states, (0, 0, 0, pad)).unflatten(1, (num_windows, window))
         windows = windows.flatten(0, 1)  # (B * num_windows, window, dim)
@@ -134,7 +135,8 @@ class QFormerProjector(nn.Module):
         for layer in self.layers:
             queries = layer(queries, windows)
         queries = queries.expand(windows.shape[0], -1, -1).unflatten(0, (batch, num_windows))
-        return self.linear(queries.flatten(1, 2))
+        num_vectors = (num_frames + window - 1) // window * self.num_queries
+        return self.linear(queries.flatten(1, 2)[:, :num_vectors])
 
 
 def num_audio_tokens(feature_lengths: torch.Tensor, window_size: int, downsample_rate: int):
