@@ -33,6 +33,12 @@ class ConformerConfig(ModelConfig):
     layer_norm_eps: float = 1e-5
 
 
+def full_lengths(input_features: torch.Tensor) -> torch.Tensor:
+    """feature_lengths for an unpadded batch: every clip uses all T frames."""
+    batch, num_frames = input_features.shape[:2]
+    return torch.full((batch,), num_frames, dtype=torch.long, device=input_features.device)
+
+
 def frame_mask(feature_lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
     """(B, num_frames) bool: True where a frame belongs to its clip."""
     positions = torch.arange(num_frames, device=feature_lengths.device)
@@ -214,11 +220,9 @@ class ConformerEncoder(nn.Module):
     def forward(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        batch, num_frames, _ = input_features.shape
+        num_frames = input_features.shape[1]
         if feature_lengths is None:
-            feature_lengths = torch.full(
-                (batch,), num_frames, dtype=torch.long, device=input_features.device
-            )
+            feature_lengths = full_lengths(input_features)
         frame_valid = frame_mask(feature_lengths, num_frames)
         x = self.input_linear(input_features)
         # self-conditioned CTC after block num_layers // 2 (1-based), as trained

@@ -24,7 +24,12 @@ from fms.utils import serialization
 from fms.utils.config import ModelConfig
 
 from fms_speech import checkpoint
-from fms_speech.models.conformer import ConformerConfig, ConformerEncoder, frame_mask
+from fms_speech.models.conformer import (
+    ConformerConfig,
+    ConformerEncoder,
+    frame_mask,
+    full_lengths,
+)
 from fms_speech.models.lora import add_lora
 from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
 
@@ -85,13 +90,10 @@ class GraniteSpeech(nn.Module):
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Projected audio vectors (B, N, text_hidden); row b's first n_b are its clip's."""
-        batch, num_frames, _ = input_features.shape
         if feature_lengths is None:
-            feature_lengths = torch.full(
-                (batch,), num_frames, dtype=torch.long, device=input_features.device
-            )
+            feature_lengths = full_lengths(input_features)
         encoder_states = self.encoder(input_features, feature_lengths)
-        frame_valid = frame_mask(feature_lengths, num_frames)
+        frame_valid = frame_mask(feature_lengths, input_features.shape[1])
         return self.projector(encoder_states, frame_valid)
 
     def audio_token_counts(
@@ -99,7 +101,7 @@ class GraniteSpeech(nn.Module):
     ) -> torch.Tensor:
         """How many `<|audio|>` placeholders each row's prompt must carry."""
         if feature_lengths is None:
-            feature_lengths = torch.full((input_features.shape[0],), input_features.shape[1])
+            feature_lengths = full_lengths(input_features)
         c = self.config.projector_config
         return num_audio_tokens(feature_lengths, c.window_size, c.downsample_rate)
 
