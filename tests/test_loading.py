@@ -120,7 +120,8 @@ def test_variant_path_with_source_hf(saved):
 
 def test_wrong_variant_names_the_mismatched_shape(saved):
     _, directory, _ = saved
-    with pytest.raises(ValueError, match=r"shape mismatch for \S+: checkpoint \(.*\), model \("):
+    # whichever tensor group FMS loads first (a set's order) names its key and shapes
+    with pytest.raises(ValueError, match=r"shape mismatch for \S+: checkpoint (\(|tensors \()"):
         fms.models.get_model("granite_speech", "3.3-2b", model_path=str(directory), source="hf")
 
 

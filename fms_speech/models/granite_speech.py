@@ -358,7 +358,13 @@ def _hf_to_fms(
                 name = re.sub(pattern, replacement, name)
             new_sd[name] = tensor
         elif _LORA_KEY.match(name):
-            new_name, tensor = _lora_to_fms(name, tensor, config.text_config)
+            try:
+                new_name, tensor = _lora_to_fms(name, tensor, config.text_config)
+            except RuntimeError as error:  # the RoPE permutation reshapes by the config's heads
+                raise ValueError(
+                    f"shape mismatch for {name}: checkpoint tensors ({tuple(tensor.shape)}) "
+                    f"do not fit the LLM configuration: {error}"
+                ) from error
             new_sd[new_name] = tensor
         elif name.startswith("language_model."):
             llm_sd[name.removeprefix("language_model.")] = tensor
@@ -368,7 +374,14 @@ def _hf_to_fms(
         raise ValueError(f"unexpected keys in the checkpoint: {', '.join(sorted(unexpected))}")
     if llm_sd:
         granite_adapter = serialization._get_adapter("granite", "hf")
-        adapted = granite_adapter(llm_sd, model_config=config.text_config)
+        try:
+            adapted = granite_adapter(llm_sd, model_config=config.text_config)
+        except RuntimeError as error:  # FMS's RoPE/fusion steps reshape by the config's heads
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(llm_sd.items()))
+            raise ValueError(
+                f"shape mismatch for language_model.{min(llm_sd)}: checkpoint tensors "
+                f"({shapes}) do not fit the LLM configuration: {error}"
+            ) from error
         new_sd.update((f"language_model.{k}", v) for k, v in adapted.items())
     _check_shapes(new_sd, config)
     return new_sd
