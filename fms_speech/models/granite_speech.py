@@ -350,7 +350,7 @@ def _hf_to_fms(
     input_sd: Mapping[str, Any], model_config: GraniteSpeechConfig | None = None, **kwargs
 ) -> Mapping[str, Any]:
     config = model_config or GraniteSpeechConfig()
-    new_sd, llm_sd, unexpected = {}, {}, []
+    new_sd, llm_sd, lora_sd, unexpected = {}, {}, {}, []
     for name, tensor in input_sd.items():
         name = _canonical(name)
         if name.startswith(("encoder.", "projector.")):
@@ -358,31 +358,26 @@ def _hf_to_fms(
                 name = re.sub(pattern, replacement, name)
             new_sd[name] = tensor
         elif _LORA_KEY.match(name):
-            try:
-                new_name, tensor = _lora_to_fms(name, tensor, config.text_config)
-            except RuntimeError as error:  # the RoPE permutation reshapes by the config's heads
-                raise ValueError(
-                    f"shape mismatch for {name}: checkpoint tensors ({tuple(tensor.shape)}) "
-                    f"do not fit the LLM configuration: {error}"
-                ) from error
-            new_sd[new_name] = tensor
+            lora_sd[name] = tensor
         elif name.startswith("language_model."):
             llm_sd[name.removeprefix("language_model.")] = tensor
         else:
             unexpected.append(name)
     if unexpected:
         raise ValueError(f"unexpected keys in the checkpoint: {', '.join(sorted(unexpected))}")
-    if llm_sd:
-        granite_adapter = serialization._get_adapter("granite", "hf")
-        try:
+    try:
+        new_sd.update(_lora_to_fms(n, t, config.text_config) for n, t in lora_sd.items())
+        if llm_sd:
+            granite_adapter = serialization._get_adapter("granite", "hf")
             adapted = granite_adapter(llm_sd, model_config=config.text_config)
-        except RuntimeError as error:  # FMS's RoPE/fusion steps reshape by the config's heads
-            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(llm_sd.items()))
-            raise ValueError(
-                f"shape mismatch for language_model.{min(llm_sd)}: checkpoint tensors "
-                f"({shapes}) do not fit the LLM configuration: {error}"
-            ) from error
-        new_sd.update((f"language_model.{k}", v) for k, v in adapted.items())
+            new_sd.update((f"language_model.{k}", v) for k, v in adapted.items())
+    except RuntimeError as error:  # FMS's RoPE/fusion steps reshape by the config's heads
+        llm_tensors = {**lora_sd, **{f"language_model.{k}": v for k, v in llm_sd.items()}}
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(llm_tensors.items()))
+        raise ValueError(
+            f"shape mismatch for {min(llm_tensors)}: checkpoint tensors ({shapes}) "
+            f"do not fit the LLM configuration: {error}"
+        ) from error
     _check_shapes(new_sd, config)
     return new_sd
 

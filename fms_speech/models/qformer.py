@@ -135,11 +135,11 @@ class QFormerProjector(nn.Module):
         for layer in self.layers:
             queries = layer(queries, windows)
         queries = queries.expand(windows.shape[0], -1, -1).unflatten(0, (batch, num_windows))
-        num_vectors = (num_frames + window - 1) // window * self.num_queries
+        num_vectors = num_audio_tokens(num_frames, window, self.config.downsample_rate)
         return self.linear(queries.flatten(1, 2)[:, :num_vectors])
 
 
-def num_audio_tokens(feature_lengths: torch.Tensor, window_size: int, downsample_rate: int):
-    """Audio vectors per clip: (window // downsample) * ceil(frames / window)."""
+def num_audio_tokens(feature_lengths, window_size: int, downsample_rate: int):
+    """Audio vectors per clip, (window // downsample) * ceil(frames / window); tensor or int."""
     num_windows = (feature_lengths + window_size - 1) // window_size
     return num_windows * (window_size // downsample_rate)
