@@ -144,3 +144,57 @@ def prompt_ids(num_audio: int, prefix=(5, 6, 7), suffix=(8, 9, 10, 11)) -> list[
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (the tolerance measure of the tests)."""
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+# ---- a small tokenizer with a Granite-style chat template, matched to reference_config's ids
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
+    " + '<|end_of_text|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+SPECIAL_TOKENS = {
+    "<|begin_of_text|>": 0,
+    "<|end_of_text|>": 1,  # eos, as in reference_config
+    "<|pad|>": 2,
+    "<|start_of_role|>": 3,
+    "<|end_of_role|>": 4,
+    "<|unk|>": 5,
+    "<|audio|>": AUDIO_TOKEN,
+}
+PROMPT_TEXT = (
+    "user assistant can you transcribe the speech into a written format ? translate to French "
+    "German Spanish English hello world one two three four five six seven eight nine ten quick "
+    "brown fox jumps over lazy dog and of in is it that for on with as at by this from or an be "
+    "are was were not but all we when your there which their will each about how up out them "
+    "then she many some so these would other its who now people my made over did down only way "
+    "find use may water long little very after words called just where most know . , !"
+)
+
+
+def save_tokenizer(directory: Path, vocab_size: int = 256) -> Path:
+    """A word-level tokenizer whose every id decodes to a token, saved in the hub's layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL_TOKENS)
+    words = iter(dict.fromkeys(PROMPT_TEXT.split()))  # unique, in order
+    for token_id in range(vocab_size):
+        if token_id not in vocab.values():
+            vocab[next(words, f"w{token_id}")] = token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|start_of_role|>", "<|end_of_role|>", "<|audio|>"],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
