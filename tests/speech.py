@@ -1,0 +1,95 @@
+"""Test speech: eSpeak NG (from the espeakng-loader wheel) through ctypes, and audio writers."""
+
+import ctypes
+import functools
+import os
+
+import espeakng_loader
+import numpy as np
+import soundfile
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of exiting the process
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+
+# format -> (soundfile format, subtype)
+FORMATS = {
+    "wav": ("WAV", "PCM_16"),
+    "wav-float": ("WAV", "FLOAT"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+}
+
+
+class _Engine:
+    """One eSpeak NG instance per process: the library keeps global state."""
+
+    def __init__(self):
+        self.library = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.library.espeak_Initialize.restype = ctypes.c_int
+        self.library.espeak_Initialize.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
+        self.library.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.library.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        data_path = os.fsencode(espeakng_loader.get_data_path())
+        self.sample_rate = self.library.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_DONT_EXIT
+        )
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed ({self.sample_rate})")
+        self.chunks: list[np.ndarray] = []
+        self.callback = _SYNTH_CALLBACK(self._collect)  # kept alive as long as the engine
+        self.library.espeak_SetSynthCallback(self.callback)
+
+    def _collect(self, samples, count, events) -> int:
+        if count > 0:
+            self.chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
+        return 0  # continue
+
+    def synthesize(self, text: str, voice: str) -> np.ndarray:
+        if self.library.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        self.chunks = []
+        encoded = text.encode()
+        status = self.library.espeak_Synth(
+            encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+        )
+        if status != 0:
+            raise RuntimeError(f"espeak_Synth failed ({status})")
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+
+
+@functools.cache
+def _engine() -> _Engine:
+    return _Engine()
+
+
+def synthesize(text: str, voice: str = "en") -> tuple[np.ndarray, int]:
+    """Speak `text`: mono float32 samples in [-1, 1] and their sample rate (22050 Hz)."""
+    engine = _engine()
+    samples = engine.synthesize(text, voice)
+    return samples.astype(np.float32) / 32768, engine.sample_rate
+
+
+def write_audio(path, samples: np.ndarray, sample_rate: int, format: str) -> None:
+    """Write samples ((n,) or (n, channels)) as one of FORMATS."""
+    file_format, subtype = FORMATS[format]
+    soundfile.write(path, samples, sample_rate, format=file_format, subtype=subtype)
