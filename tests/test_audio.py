@@ -11,7 +11,6 @@ import pytest
 import soundfile
 import soxr
 import torch
-from speech import synthesize, write_audio
 
 from fms_speech.audio import (
     MIN_SAMPLES,
@@ -24,6 +23,7 @@ from fms_speech.audio import (
     prepare_waveform,
     split_audio,
 )
+from fms_speech.synthesis import synthesize, write_audio
 
 DATA = Path(__file__).parent / "data"
 CLIPS = ["hello", "short", "numbers"]

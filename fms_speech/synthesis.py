@@ -1,4 +1,4 @@
-"""Test speech: eSpeak NG (from the espeakng-loader wheel) through ctypes, and audio writers."""
+"""Offline speech for tests and the benchmark: eSpeak NG (espeakng-loader wheel) via ctypes."""
 
 import ctypes
 import functools
