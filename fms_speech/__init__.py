@@ -9,4 +9,6 @@ from fms_speech.models import GraniteSpeech, GraniteSpeechConfig
 
 checkpoint.install()
 
-__all__ = ["GraniteSpeech", "GraniteSpeechConfig"]
+from fms_speech.transcribe import Segment, Transcriber, Transcription  # noqa: E402
+
+__all__ = ["GraniteSpeech", "GraniteSpeechConfig", "Segment", "Transcriber", "Transcription"]

@@ -71,3 +71,18 @@ class Checkpoints:
 def checkpoints(tmp_path_factory) -> Checkpoints:
     torch.manual_seed(0)
     return Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+# tied tiny models echo the last prompt token; the untied one writes text that follows the audio
+TRANSCRIBE_CONFIG = "untied_window12"
+
+
+@pytest.fixture(scope="session")
+def speech_checkpoint(checkpoints):
+    """(peft reference, checkpoint directory with a tokenizer and chat template) for the CLI."""
+    from reference import save_tokenizer
+
+    reference, _, directory = checkpoints[TRANSCRIBE_CONFIG]
+    if not (directory / "tokenizer.json").exists():
+        save_tokenizer(directory)
+    return reference, directory
