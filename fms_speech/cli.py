@@ -1,0 +1,186 @@
+"""`fms-speech`: the command line.
+
+Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
+arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fms_speech.prompts import PromptError, instruction
+from fms_speech.transcribe import DTYPES, Transcriber, Transcription
+from fms_speech.writers import WRITERS, output_formats, write_result
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_RAN = 0, 1, 2
+
+
+def _add_transcribe(commands) -> None:
+    parser = commands.add_parser("transcribe", help="transcribe or translate audio files")
+    parser.add_argument("files", nargs="+", metavar="FILE", help="wav, flac, ogg or mp3 files")
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch")
+    parser.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    parser.add_argument("--language", help="target language of --task translate, e.g. fr")
+    parser.add_argument("--prompt", help="a free instruction instead of the task's")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    parser.add_argument("--num-beams", type=_positive_int, default=1)
+    parser.add_argument("--output-format", choices=[*WRITERS, "all"], default="txt")
+    parser.add_argument(
+        "--output-dir", type=Path, help="write FILE's result to DIR/<stem>.<format>; else stdout"
+    )
+    parser.add_argument("--max-audio-seconds", type=float, help="refuse longer inputs")
+    parser.add_argument("--window-seconds", type=float, default=30.0, help="long-audio windows")
+    parser.add_argument("--overlap-seconds", type=float, default=1.0)
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fms-speech", description="Granite Speech on the Foundation Model Stack"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_transcribe(commands)
+    return parser
+
+
+def _fail(message: str) -> None:
+    print(f"fms-speech: error: {message}", file=sys.stderr)
+
+
+def _output_stems(files: list[str]) -> list[str]:
+    """Output names from the inputs' stems; a repeated stem gets -2, -3... so none overwrites."""
+    stems, seen = [], {}
+    for file in files:
+        stem = Path(file).stem or "audio"
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def _would_overwrite_input(args, files: list[str], stems: list[str]) -> str | None:
+    inputs = {os.path.realpath(file) for file in files}
+    for stem in stems:
+        for name in output_formats(args.output_format):
+            path = os.path.realpath(args.output_dir / f"{stem}.{name}")
+            if path in inputs:
+                return path
+    return None
+
+
+def _progress_bar(args, total: int):
+    if args.no_progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", file=sys.stderr, disable=total < 2)
+
+
+def _report(result: Transcription, args, stem: str, metadata: dict, single: bool) -> bool:
+    """Write or print one result; False if it failed."""
+    if result.error is not None:
+        _fail(result.error)
+        return False
+    if args.output_dir is None:
+        print(result.text if single else f"{result.source}\t{result.text}", flush=True)
+        return True
+    try:
+        write_result(result, args.output_dir, stem, output_formats(args.output_format), metadata)
+    except OSError as error:
+        _fail(f"cannot write the output of {result.source}: {error.strerror or error}")
+        return False
+    return True
+
+
+def transcribe(args) -> int:
+    try:
+        instruction(args.task, args.language, args.prompt)
+    except PromptError as error:
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    stems = _output_stems(args.files)
+    if args.output_dir is not None:
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            _fail(f"cannot create the output directory {args.output_dir}: {error.strerror}")
+            return EXIT_NOTHING_RAN
+        clash = _would_overwrite_input(args, args.files, stems)
+        if clash is not None:
+            _fail(f"an output would overwrite the input {clash}; choose another --output-dir")
+            return EXIT_NOTHING_RAN
+    try:
+        transcriber = Transcriber.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, compile=args.compile
+        )
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        _fail(str(error).splitlines()[0])
+        return EXIT_NOTHING_RAN
+    metadata = {
+        "model": str(args.model),
+        "device": str(transcriber.device),
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "task": args.task,
+    }
+    succeeded = 0
+    try:
+        results = transcriber.stream(
+            args.files,
+            batch_size=args.batch_size,
+            task=args.task,
+            language=args.language,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            window_seconds=args.window_seconds,
+            overlap_seconds=args.overlap_seconds,
+            max_audio_seconds=args.max_audio_seconds,
+        )
+    except (ValueError, PromptError) as error:
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    progress = _progress_bar(args, len(args.files))
+    for result in results:
+        single = len(args.files) == 1
+        succeeded += _report(result, args, stems[result.index], metadata, single)
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    if succeeded == len(args.files):
+        return EXIT_OK
+    return EXIT_SOME_FAILED if succeeded else EXIT_NOTHING_RAN
+
+
+def _quiet_libraries() -> None:
+    # the user asked for text; library chatter would bury the one-line errors
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("fms").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    if args.command == "transcribe":
+        return transcribe(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
