@@ -1,0 +1,388 @@
+"""The Markdown report, the PNG plots and the profile tables of `fms-speech bench`."""
+
+from pathlib import Path
+
+from fms_speech.bench_models import SYSTEMS
+from fms_speech.bench_report import STAGE_LABELS, STAGES, _get, _seconds, _shapes, _stage_stats
+
+_COLORS = {
+    "reference eager": "#9e9e9e",
+    "reference compiled": "#616161",
+    "fms eager": "#64b5f6",
+    "fms compiled": "#1565c0",
+}
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{_seconds(stats['median'])} [{_seconds(stats['min'])}–{_seconds(stats['max'])}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f} MiB"
+
+
+def markdown(results: dict, profiles: dict[str, str]) -> str:
+    meta = results["meta"]
+    lines = [
+        "# fms-speech bench",
+        "",
+        f"- model: {meta['model']} ({meta['shapes']})",
+        f"- device: {meta['device']}, {meta['threads']} threads; compile backend "
+        f"{meta.get('backend')}",
+        f"- {meta['date']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- run time {meta.get('wall_seconds', 0):.0f} s; load average "
+        f"{meta.get('load_average_start', ['?'])[0]:.2f} at start, "
+        f"{meta.get('load_average_end', ['?'])[0]:.2f} at end (other work on the machine "
+        "adds noise)",
+        f"- features: {meta['features_note']}",
+        f"- greedy generation of {meta['settings']['max_new_tokens']} tokens per clip; "
+        f"{meta['settings']['warmup']} warm-up call(s), then median [min–max] of "
+        f"{meta['settings']['repeats']}",
+        f"- systems: {', '.join(meta.get('systems', []))}"
+        + (
+            ""
+            if "reference compiled" in meta.get("systems", [])
+            else " (the reference under torch.compile was left out: add it with --systems)"
+        ),
+        f"- command: `{meta.get('command', '')}`",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(
+        ["target", "goal", "measured", "status", "note"],
+        [
+            [t["target"], t["goal"], t["value"], f"**{t['status']}**", t["note"]]
+            for t in results["targets"]
+        ],
+    )
+    lines += _agreement_section(results.get("agreement", {}))
+    for dtype, systems in results["runs"].items():
+        names = [s for s in SYSTEMS if s in systems]
+        lines += [f"## Stages, {dtype}", ""]
+        rows = []
+        for shape in _shapes(results):
+            for stage in STAGES:
+                cells = [_cell(_stage_stats(systems[n], shape, stage)) for n in names]
+                if any(c != "-" for c in cells):
+                    rows.append([shape, STAGE_LABELS.get(stage, stage), *cells])
+            rtf = [_get(systems[n], "e2e", shape, "rtf") for n in names]
+            if any(rtf):
+                rows.append([shape, "audio s per s", *[f"{r:.3g}" if r else "-" for r in rtf]])
+        lines += _table(["shape", "stage", *names], rows)
+    lines += _errors_section(results)
+    lines += _mixed_section(results)
+    lines += _compile_section(results)
+    lines += _machine_section(results)
+    lines += _explain_section(results.get("explain"))
+    if profiles:
+        lines += ["## Profiles", ""]
+        lines += [f"- [{name}]({file})" for name, file in profiles.items()]
+        lines.append("")
+    for plot in results.get("plots", []):
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _agreement_section(agree: dict) -> list[str]:
+    lines = ["## Agreement", ""]
+    lines.append(
+        f"Greedy tokens equal in all {len(agree.get('compared', []))} system/dtype pairs: "
+        f"**{agree.get('tokens_agree')}** (first tokens of one clip: {agree.get('sample_tokens')})."
+    )
+    for line in agree.get("disagreements", []):
+        lines.append(f"- {line}")
+    errors = agree.get("first_logits_relative_error", {})
+    if errors:
+        lines += [
+            "",
+            f"First-step logits, max |x - y| / max |y| against "
+            f"{agree.get('first_logits_baseline')}:",
+            "",
+        ]
+        lines += _table(
+            ["system, dtype", "relative error"],
+            [[name, f"{error:.2e}"] for name, error in errors.items()],
+        )
+    return lines + [""]
+
+
+def _errors_section(results: dict) -> list[str]:
+    rows = [
+        [f"{name}, {dtype}", part, message.replace("|", "\\|")]
+        for dtype, systems in results["runs"].items()
+        for name, record in systems.items()
+        for part, message in record.get("errors", {}).items()
+    ]
+    if not rows:
+        return []
+    lines = ["## Failures", "", "Parts that raised; their numbers are missing above.", ""]
+    return lines + _table(["system", "part", "error"], rows)
+
+
+def _mixed_section(results: dict) -> list[str]:
+    rows = []
+    for dtype, systems in results["runs"].items():
+        for name in SYSTEMS:
+            mixed = _get(systems, name, "mixed")
+            if not mixed:
+                continue
+            c = mixed["compiles"]
+            rows.append(
+                [
+                    f"{name}, {dtype}",
+                    _seconds(mixed["first_pass"]),
+                    _seconds(mixed["second_pass"]),
+                    _seconds(mixed["compile_seconds"]),
+                    f"{mixed['rtf_first_pass']:.3g}",
+                    f"{mixed['rtf_second_pass']:.3g}",
+                    f"{c['graphs']} / {c['recompiles']} / {c['graph_breaks']}",
+                ]
+            )
+        warm = _get(results, "warm_cache", dtype)
+        if warm:
+            c = warm["compiles"]
+            rows.append(
+                [
+                    f"fms compiled, {dtype}, second process (warm cache)",
+                    _seconds(warm["first_pass"]),
+                    _seconds(warm["second_pass"]),
+                    _seconds(warm["compile_seconds"]),
+                    f"{warm['rtf_first_pass']:.3g}",
+                    f"{warm['rtf_second_pass']:.3g}",
+                    f"{c['graphs']} / {c['recompiles']} / {c['graph_breaks']}",
+                ]
+            )
+    if not rows:
+        return []
+    settings = results["meta"]["settings"]
+    lines = [
+        "## Mixed-length workload",
+        "",
+        f"{settings['mixed_clips']} clips of {settings['mixed_range'][0]:g}–"
+        f"{settings['mixed_range'][1]:g} s in batches of {settings['mixed_batch']}, features + "
+        "greedy generate, run twice from a fresh dynamo state: the first pass pays every "
+        "compilation it triggers (cold inductor cache), the second is the steady state.",
+        "",
+    ]
+    lines += _table(
+        [
+            "system",
+            "first pass",
+            "second pass",
+            "compile (1st - 2nd)",
+            "audio s/s 1st",
+            "audio s/s 2nd",
+            "graphs / recompiles / breaks",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _compile_section(results: dict) -> list[str]:
+    rows = []
+    for dtype, systems in results["runs"].items():
+        for name in SYSTEMS:
+            record = systems.get(name)
+            if not record:
+                continue
+            whole, modules = record.get("compiles", {}), record.get("modules_compiles", {})
+            reasons = "; ".join(whole.get("recompile_reasons", [])[:3])
+            rows.append(
+                [
+                    f"{name}, {dtype}",
+                    f"{whole.get('graphs', '-')} / {whole.get('recompiles', '-')} / "
+                    f"{whole.get('graph_breaks', '-')}",
+                    f"{modules.get('graphs', '-')} / {modules.get('recompiles', '-')} / "
+                    f"{modules.get('graph_breaks', '-')}",
+                    _mib(record["memory"]["above_start_bytes"]),
+                    reasons.replace("|", "\\|")[:300],
+                ]
+            )
+    lines = [
+        "## Compilations and memory",
+        "",
+        "Counts since a fresh dynamo state: mixed workload + all shapes end to end; then "
+        "encoder and projector compiled alone. Memory: peak above the level at the start "
+        "of the system's end-to-end part (CPU: sampled RSS; CUDA: allocator peak).",
+        "",
+    ]
+    return lines + _table(
+        [
+            "system",
+            "graphs / recompiles / breaks (generate)",
+            "same (encoder, projector)",
+            "peak memory",
+            "recompile reasons",
+        ],
+        rows,
+    )
+
+
+def _machine_section(results: dict) -> list[str]:
+    machine = results.get("machine")
+    if not machine:
+        return []
+    lines = ["## Machine and model bounds", ""]
+    for dtype, rate in machine["gemm_flops"].items():
+        lines.append(f"- {dtype} GEMM ({machine['gemm_size']}^3): {rate / 1e9:.0f} GFLOP/s")
+    bandwidth = machine["memory_bandwidth"]
+    lines.append(f"- memory bandwidth (sum of a large tensor): {bandwidth / 1e9:.1f} GB/s")
+    flops = machine["encoder_flops"]
+    lines.append(
+        f"- encoder at {machine['encoder_flops_seconds']:g} s, batch 1: "
+        f"{flops['matmul'] / 1e9:.1f} GFLOP in matrix products, {flops['conv'] / 1e9:.2f} in "
+        "convolutions; at the GEMM rates: "
+        + ", ".join(
+            f"{d} {_seconds(flops['matmul'] / r)}" for d, r in machine["gemm_flops"].items()
+        )
+    )
+    for name, count in machine["decode_weights"].items():
+        lines.append(
+            f"- decode step weights ({name}): {count / 1e6:.0f} M; reading them once takes "
+            f"{_seconds(count * 2 / bandwidth)} in bf16, {_seconds(count * 4 / bandwidth)} in fp32"
+        )
+    return lines + [""]
+
+
+def _explain_section(explain: dict | None) -> list[str]:
+    if not explain:
+        return []
+    lines = ["## Graphs and graph breaks of one prefill forward (torch._dynamo.explain)", ""]
+    for name, result in explain.items():
+        lines.append(f"- {name}: {result['graphs']} graphs, {result['graph_breaks']} breaks")
+        lines += [f"  - {reason}" for reason in result["break_reasons"][:8]]
+    return lines + [""]
+
+
+def write_profiles(results: dict, out_dir: Path) -> dict[str, str]:
+    written = {}
+    for dtype, systems in results["runs"].items():
+        for name, record in systems.items():
+            profile = record.pop("profile", None)
+            if not profile:
+                continue
+            file = f"profile-{dtype}-{name.replace(' ', '-')}.txt"
+            text = [f"## {stage}\n\n{p['table']}" for stage, p in profile.items()]
+            (out_dir / file).write_text("\n".join(text))
+            record["profile_top"] = {stage: p["top"] for stage, p in profile.items()}
+            written[f"{name}, {dtype}"] = file
+    return written
+
+
+# ---- plots
+
+
+def plots(results: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for draw, file in (
+        (_plot_stages, "stages.png"),
+        (_plot_rtf, "rtf.png"),
+        (_plot_mixed, "mixed.png"),
+    ):
+        figure = draw(results, plt)
+        if figure is not None:
+            figure.savefig(out_dir / file, dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            written.append(file)
+    return written
+
+
+def _plot_stages(results: dict, plt):
+    runs = results["runs"]
+    shapes = _shapes(results)
+    if not shapes:
+        return None
+    shape = max(shapes, key=lambda s: (float(s.split("s")[0]), -int(s.split("x")[1])))
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for axis, (dtype, systems) in zip(axes[0], runs.items(), strict=True):
+        names = [s for s in SYSTEMS if s in systems]
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = [
+                (_stage_stats(systems[name], shape, s) or {}).get("median", 0) for s in STAGES
+            ]
+            positions = [x + i * width for x in range(len(STAGES))]
+            axis.bar(positions, values, width, label=name, color=_COLORS[name])
+        axis.set_xticks([x + 0.4 - width / 2 for x in range(len(STAGES))])
+        axis.set_xticklabels([STAGE_LABELS.get(s, s) for s in STAGES], rotation=20)
+        axis.set_yscale("log")
+        axis.set_ylabel("seconds (median)")
+        axis.set_title(f"{shape}, {dtype}")
+        axis.legend(fontsize=8)
+    return figure
+
+
+def _plot_rtf(results: dict, plt):
+    runs = results["runs"]
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    drawn = False
+    for axis, (dtype, systems) in zip(axes[0], runs.items(), strict=True):
+        for name in [s for s in SYSTEMS if s in systems]:
+            e2e = systems[name].get("e2e", {})
+            for batch in sorted({int(s.split("x")[1]) for s in e2e}):
+                points = sorted(
+                    (float(s.split("s")[0]), r["rtf"])
+                    for s, r in e2e.items()
+                    if int(s.split("x")[1]) == batch
+                )
+                style = "-" if batch == max(int(s.split("x")[1]) for s in e2e) else ":"
+                axis.plot(
+                    *zip(*points, strict=True),
+                    style,
+                    marker="o",
+                    color=_COLORS[name],
+                    label=f"{name}, batch {batch}",
+                )
+                drawn = True
+        axis.set_xlabel("clip length (s)")
+        axis.set_ylabel("audio seconds per second")
+        axis.set_yscale("log")
+        axis.set_title(f"end to end, {dtype}")
+        axis.legend(fontsize=7)
+    return figure if drawn else None
+
+
+def _plot_mixed(results: dict, plt):
+    labels, steady, compile_time = [], [], []
+    for dtype, systems in results["runs"].items():
+        for name in SYSTEMS:
+            mixed = _get(systems, name, "mixed")
+            if mixed:
+                labels.append(f"{name}, {dtype}")
+                steady.append(mixed["second_pass"])
+                compile_time.append(mixed["first_pass"] - mixed["second_pass"])
+        warm = _get(results, "warm_cache", dtype)
+        if warm:
+            labels.append(f"fms compiled, {dtype}, warm cache")
+            steady.append(warm["second_pass"])
+            compile_time.append(warm["first_pass"] - warm["second_pass"])
+    if not labels:
+        return None
+    figure, axis = plt.subplots(figsize=(8, 0.45 * len(labels) + 1))
+    axis.barh(labels, steady, color="#1565c0", label="steady state (second pass)")
+    axis.barh(
+        labels,
+        [max(0, c) for c in compile_time],
+        left=steady,
+        color="#ef6c00",
+        label="first pass extra (compilation)",
+    )
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds for the mixed-length workload")
+    axis.legend(fontsize=8)
+    return figure
