@@ -1,4 +1,4 @@
-"""`fms-speech`: the command line.
+"""`fms-speech`: the command line (`transcribe`, and `bench` from fms_speech.bench).
 
 Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
 arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from fms_speech import bench
 from fms_speech.prompts import PromptError, instruction
 from fms_speech.transcribe import DTYPES, Transcriber, Transcription
 from fms_speech.writers import WRITERS, output_formats, write_result
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_transcribe(commands)
+    bench.add_bench_arguments(
+        commands.add_parser(
+            "bench", help="measure the reference and fms-speech, eager and compiled"
+        )
+    )
     return parser
 
 
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command == "transcribe":
         return transcribe(args)
+    if args.command == "bench":
+        return bench.run_bench(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
