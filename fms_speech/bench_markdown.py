@@ -128,6 +128,19 @@ def _errors_section(results: dict) -> list[str]:
     return lines + _table(["system", "part", "error"], rows)
 
 
+def _mixed_row(label: str, record: dict) -> list[str]:
+    counts = record["compiles"]
+    return [
+        label,
+        _seconds(record["first_pass"]),
+        _seconds(record["second_pass"]),
+        _seconds(record["compile_seconds"]),
+        f"{record['rtf_first_pass']:.3g}",
+        f"{record['rtf_second_pass']:.3g}",
+        f"{counts['graphs']} / {counts['recompiles']} / {counts['graph_breaks']}",
+    ]
+
+
 def _mixed_section(results: dict) -> list[str]:
     rows = []
     for dtype, systems in results["runs"].items():
@@ -135,32 +148,10 @@ def _mixed_section(results: dict) -> list[str]:
             mixed = _get(systems, name, "mixed")
             if not mixed:
                 continue
-            c = mixed["compiles"]
-            rows.append(
-                [
-                    f"{name}, {dtype}",
-                    _seconds(mixed["first_pass"]),
-                    _seconds(mixed["second_pass"]),
-                    _seconds(mixed["compile_seconds"]),
-                    f"{mixed['rtf_first_pass']:.3g}",
-                    f"{mixed['rtf_second_pass']:.3g}",
-                    f"{c['graphs']} / {c['recompiles']} / {c['graph_breaks']}",
-                ]
-            )
+            rows.append(_mixed_row(f"{name}, {dtype}", mixed))
         warm = _get(results, "warm_cache", dtype)
         if warm:
-            c = warm["compiles"]
-            rows.append(
-                [
-                    f"fms compiled, {dtype}, second process (warm cache)",
-                    _seconds(warm["first_pass"]),
-                    _seconds(warm["second_pass"]),
-                    _seconds(warm["compile_seconds"]),
-                    f"{warm['rtf_first_pass']:.3g}",
-                    f"{warm['rtf_second_pass']:.3g}",
-                    f"{c['graphs']} / {c['recompiles']} / {c['graph_breaks']}",
-                ]
-            )
+            rows.append(_mixed_row(f"fms compiled, {dtype}, second process (warm cache)", warm))
     if not rows:
         return []
     settings = results["meta"]["settings"]
