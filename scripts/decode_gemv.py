@@ -1,0 +1,143 @@
+"""Batch-1 decode: oneDNN's matrix product against torch.mv for the one-row linear layers.
+
+    python scripts/decode_gemv.py [--llm-layers 10] [--new-tokens 8] [--rounds 5]
+
+At batch 1 every LLM linear of a decode step multiplies one row by a weight matrix. In bf16 on
+this CPU, `F.linear` (oneDNN) streams the weights at about 19–20 GB/s, `torch.mv` (ATen's own
+bf16 gemv) at about 27 GB/s (see docs/bench-notes.md). `ROWS_TIMES_MATRIX` is an inductor
+post-grad pass that routes every bf16 matrix product through an op that calls `torch.mv` when
+the product has one row (the decode graph's batch size is symbolic, so it is decided at run
+time) and `torch.mm` otherwise. This script compiles the
+3.3-2b LLM (random weights, fewer layers) with and without the pass, times generate() at batch 1
+in turns, and checks that the logits agree.
+"""
+
+import argparse
+import hashlib
+import inspect
+import statistics
+
+import torch
+from fms.models import get_model
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import fms_speech  # noqa: F401
+from fms_speech import roofline
+from fms_speech.compile import compile_model
+from fms_speech.generation import generate
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("fms_speech_bench::rows_times_matrix", mutates_args=())
+def rows_times_matrix(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """rows @ matrix, by torch.mv when there is one row (decided when it runs: the decode
+    graph's batch size is symbolic). An opaque op: inductor would turn aten.mv back into mm."""
+    if rows.shape[0] == 1:
+        return torch.mv(matrix.t(), rows[0]).unsqueeze(0)
+    return torch.mm(rows, matrix)
+
+
+@rows_times_matrix.register_fake
+def _(rows, matrix):
+    return rows.new_empty(rows.shape[0], matrix.shape[1])
+
+
+class RowsTimesMatrix(CustomGraphPass):
+    """Every bf16 mm / addmm -> rows_times_matrix (+ bias)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.kwargs:
+                continue
+            if node.target is aten.mm.default:
+                (rows, matrix), bias = node.args, None
+            elif node.target is aten.addmm.default and len(node.args) == 3:
+                bias, rows, matrix = node.args
+            else:
+                continue
+            value = rows.meta.get("val")
+            if value is None or value.dtype != torch.bfloat16:
+                continue
+            with graph.inserting_before(node):
+                out = graph.call_function(rows_times_matrix_op, (rows, matrix))
+                if bias is not None:
+                    out = graph.call_function(aten.add.Tensor, (out, bias))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+
+    def uuid(self) -> bytes:
+        return hashlib.sha256(inspect.getsource(type(self)).encode()).digest()
+
+
+ROWS_TIMES_MATRIX = RowsTimesMatrix()
+rows_times_matrix_op = torch.ops.fms_speech_bench.rows_times_matrix.default
+
+
+def decode_seconds(runner, prompt, features, lengths, new_tokens: int) -> tuple[float, list]:
+    output = generate(
+        runner, [prompt], features, lengths, max_new_tokens=new_tokens, eos_token_id=-1
+    )
+    return output.decode_seconds / output.decode_steps, output.sequences[0]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llm-layers", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--profile", action="store_true", help="top ops of one decode run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = get_model(
+        "granite_speech",
+        "3.3-2b",
+        encoder_config={"num_layers": 1},
+        text_config={"nlayers": args.llm_layers},
+    )
+    model = model.to(torch.bfloat16).eval()
+    frames = int(args.seconds * 50)
+    features = torch.randn(1, frames, 160).to(torch.bfloat16)
+    lengths = torch.tensor([frames])
+    count = int(model.audio_token_counts(features, lengths)[0])
+    prompt = [5, *([model.config.audio_token_index] * count), 6, 7, 8]
+    text = model.config.text_config
+    weights = roofline.decode_weight_count(model.language_model, text.tie_heads) * 2
+    bandwidth = roofline.memory_bandwidth(torch.device("cpu"))
+    print(f"{args.llm_layers} LLM layers: {weights / 1e9:.2f} GB of bf16 weights per step; ")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> {weights / bandwidth * 1e3:.0f} ms")
+    runners = {
+        "eager": model,
+        "compiled": compile_model(model),
+        "compiled + mv pass": compile_model(
+            model, options={"post_grad_custom_post_pass": ROWS_TIMES_MATRIX}
+        ),
+    }
+    tokens = {}
+    for name, runner in runners.items():  # first calls: compile
+        _, tokens[name] = decode_seconds(runner, prompt, features, lengths, args.new_tokens)
+    print("same tokens:", len({tuple(t) for t in tokens.values()}) == 1)
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            step, _ = decode_seconds(runner, prompt, features, lengths, args.new_tokens)
+            times[name].append(step)
+    if args.profile:
+        from torch.profiler import profile
+
+        runner = runners["compiled + mv pass"]
+        with profile() as prof:
+            decode_seconds(runner, prompt, features, lengths, args.new_tokens)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(
+            f"{name}: {median * 1e3:.0f} ms per decode step "
+            f"[{min(values) * 1e3:.0f}–{max(values) * 1e3:.0f}] = "
+            f"{median / (weights / bandwidth):.2f}x the weights-read time"
+        )
+
+
+if __name__ == "__main__":
+    main()
