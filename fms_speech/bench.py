@@ -305,12 +305,13 @@ def run_warm_cache(spec: dict, work: Path) -> dict:
     command = [sys.executable, "-m", "fms_speech.bench", "--child", str(spec_path)]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        return {"error": completed.stderr.strip().splitlines()[-1:]}
+        return {"error": (completed.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(result_path.read_text())
 
 
 def child_main(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     settings = Settings(
         **{**spec["settings"], "mixed_range": tuple(spec["settings"]["mixed_range"])}
@@ -495,6 +496,7 @@ def _measure(args, settings, device, dtypes, systems, work, ref_options, fms_opt
             "eos": eos,
             "tokenizer": tokenizer_dir,
             "compile_options": fms_options,
+            "threads": torch.get_num_threads(),
         }
         del reference, fms_model  # the child loads its own copy
         with _phase("warm-cache process"):

@@ -196,6 +196,7 @@ def _compile_section(results: dict) -> list[str]:
                     f"{modules.get('graphs', '-')} / {modules.get('recompiles', '-')} / "
                     f"{modules.get('graph_breaks', '-')}",
                     _mib(record["memory"]["above_start_bytes"]),
+                    ", ".join(f"{k} {v:.0f} s" for k, v in record.get("seconds", {}).items()),
                     reasons.replace("|", "\\|")[:300],
                 ]
             )
@@ -213,6 +214,7 @@ def _compile_section(results: dict) -> list[str]:
             "graphs / recompiles / breaks (generate)",
             "same (encoder, projector)",
             "peak memory",
+            "bench time per part",
             "recompile reasons",
         ],
         rows,
