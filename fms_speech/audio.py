@@ -23,6 +23,9 @@ HOP_LENGTH = 160
 N_FFT = 512
 WIN_LENGTH = 400
 N_MELS = 80
+# The model's input: two 10 ms log-mel frames stacked per row, so 160 values at 50 rows/s
+FEATURE_DIM = 2 * N_MELS
+FRAMES_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)
 # One analysis window (25 ms): the shortest clip that yields a feature row. Anything shorter
 # would also be shorter than the reflect padding (N_FFT // 2) that the spectrogram needs.
 MIN_SAMPLES = WIN_LENGTH
@@ -157,10 +160,10 @@ def mel_filterbank(
 
 
 def log_mel(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-mel features of 16 kHz mono clips: (B, T, 160) float32 and lengths (B,) int64.
+    """Log-mel features of 16 kHz mono clips: (B, T, FEATURE_DIM) float32, lengths (B,) int64.
 
     Each clip's features are what the reference extractor computes for it alone; padded rows
-    are zero. feature_lengths[b] = (samples_b // 160 + 1) // 2.
+    are zero. feature_lengths[b] = (samples_b // HOP_LENGTH + 1) // 2 (FRAMES_PER_SECOND).
     """
     shortest = min(w.shape[0] for w in waveforms)
     if shortest < MIN_SAMPLES:

@@ -1,28 +1,56 @@
-"""Reading Hugging Face checkpoint directories: the shards the index names, and the PEFT adapter.
+"""Hugging Face checkpoint directories: what they must hold, their PEFT adapter, their shard index.
 
-FMS's `serialization.load_state_dict` globs every `*.safetensors` in a directory. That breaks
-on repositories that keep an orphaned older shard set beside the current one (the published
-granite-speech-3.3-2b does) and it would read `adapter_model.safetensors` as base weights. The
-index file is the checkpoint's own statement of which shards belong to it, so the fix belongs
-in the loader: `install()` wraps FMS's loader so a directory with `model.safetensors.index.json`
-loads exactly the shards it names (for every FMS model), and a Granite Speech directory also
-brings its PEFT adapter, with the adapter's own scaling (alpha / r) folded into its B matrices.
+FMS's own loader reads every `*.safetensors` of a directory. For a Granite Speech directory that
+includes the PEFT adapter (`adapter_model.safetensors`), which the model's `hf` adapter maps onto
+the audio LoRA with the scaling that `adapter_config.json` gives. It also includes any orphaned
+older shard set kept beside the current one (the published granite-speech-3.3-2b has one), which
+fails on a shape conflict. `index_aware_loading()` is the explicit fix for that: within it, a
+directory with `model.safetensors.index.json` loads exactly the shards the index names (and the
+adapter). `Transcriber.from_pretrained` loads through it; docs/upstream.md has the FMS patch.
 """
 
 import json
 from collections import ChainMap
-from collections.abc import MutableMapping
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import torch
 from fms.utils import serialization
-from safetensors import safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
+# The model types fms-speech runs, as config.json names them
+MODEL_TYPES = ("granite_speech",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that fms-speech cannot run; the message is one sentence."""
+
+
+def check_checkpoint(model_dir: str | Path) -> Path:
+    """The directory, if it holds a config of a model type we run, weights and a tokenizer."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{config_path} is not a valid JSON config") from None
+    if model_type not in MODEL_TYPES:
+        known = ", ".join(repr(name) for name in MODEL_TYPES)
+        raise CheckpointError(f"{directory} holds a {model_type!r} model; fms-speech runs {known}")
+    weights = [p for p in directory.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS]
+    if not weights:
+        raise CheckpointError(f"{directory} has no model weights (*.safetensors)")
+    if not any(
+        (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json)")
+    return directory
 
 
 def indexed_shards(model_dir: Path) -> list[Path] | None:
@@ -38,66 +66,43 @@ def indexed_shards(model_dir: Path) -> list[Path] | None:
     return shards
 
 
-def _adapter_config(model_dir: Path) -> dict | None:
-    path = model_dir / ADAPTER_CONFIG
-    if not (path.is_file() and (model_dir / ADAPTER_WEIGHTS).is_file()):
-        return None
-    return json.loads(path.read_text())
+def adapter_settings(model_dir: str | Path) -> tuple[int, float]:
+    """(rank, alpha) of the PEFT adapter in `model_dir`; (0, 0.0) when there is none."""
+    directory = Path(model_dir)
+    path = directory / ADAPTER_CONFIG
+    if not (path.is_file() and (directory / ADAPTER_WEIGHTS).is_file()):
+        return 0, 0.0
+    config = json.loads(path.read_text())
+    return int(config["r"]), float(config["lora_alpha"])
 
 
-def adapter_rank(model_dir: str | Path) -> int:
-    """LoRA rank of the adapter in `model_dir`; 0 when there is none."""
-    config = _adapter_config(Path(model_dir))
-    return int(config["r"]) if config else 0
+@contextmanager
+def index_aware_loading() -> Iterator[None]:
+    """Within this block, FMS loads an indexed directory from the shards its index names.
 
+    `fms.models.get_model(..., model_path=DIR)` otherwise reads every `*.safetensors` in DIR.
+    With `model.safetensors.index.json` present, only the shards it names are read (plus the
+    PEFT adapter, which no index lists); a shard the index names but the directory lacks is a
+    FileNotFoundError naming it. Directories without an index load as FMS loads them.
+    """
+    fms_load_state_dict = serialization.load_state_dict
 
-def load_adapter(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the base model's key names, B already times alpha / r."""
-    config = _adapter_config(model_dir)
-    if config is None:
-        return {}
-    scaling = config["lora_alpha"] / config["r"]
-    tensors = {}
-    with safe_open(model_dir / ADAPTER_WEIGHTS, framework="pt") as adapter:
-        for key in adapter.keys():  # noqa: SIM118 (safe_open is not iterable)
-            tensor = adapter.get_tensor(key)
-            name = key.removeprefix(_PEFT_PREFIX)
-            if ".lora_B." in name:
-                tensor = tensor * scaling
-            tensors[name] = tensor
-    return tensors
+    def load_state_dict(model_path, **kwargs):
+        path = Path(model_path).expanduser() if isinstance(model_path, (str, Path)) else None
+        plain = path is None or "*" in str(model_path) or not path.is_dir()
+        if plain or kwargs.get("checkpoint_sharding") is not None:
+            return fms_load_state_dict(model_path, **kwargs)
+        shards = indexed_shards(path)
+        if shards is None:
+            return fms_load_state_dict(model_path, **kwargs)
+        if (path / ADAPTER_WEIGHTS).is_file():
+            shards.append(path / ADAPTER_WEIGHTS)
+        # each file through FMS's own loader (a file path loads just that file, lazily)
+        parts = [fms_load_state_dict(shard, **kwargs) for shard in shards]
+        return ChainMap(*(part for chain in parts for part in getattr(chain, "maps", [chain])))
 
-
-def _is_granite_speech(model_dir: Path) -> bool:
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        return False
-    return json.loads(config_path.read_text()).get("model_type") == "granite_speech"
-
-
-_fms_load_state_dict = serialization.load_state_dict
-
-
-def load_state_dict(model_path, **kwargs) -> MutableMapping[str, Any]:
-    """FMS's `load_state_dict`, honouring the shard index and the Granite Speech adapter."""
-    initial_device = kwargs.get("initial_device", torch.device("cpu"))
-    path = Path(model_path).expanduser() if isinstance(model_path, (str, Path)) else None
-    if path is None or "*" in str(model_path) or not path.is_dir() or initial_device.type == "meta":
-        return _fms_load_state_dict(model_path, **kwargs)
-    shards = indexed_shards(path)
-    granite_speech = _is_granite_speech(path)
-    if shards is None and granite_speech:
-        shards = sorted(p for p in path.glob("*.safetensors") if p.name != ADAPTER_WEIGHTS)
-    if shards is None:
-        return _fms_load_state_dict(model_path, **kwargs)
-    if not shards:
-        raise FileNotFoundError(f"no safetensors weights in {path}")
-    parts = [serialization._load_safetensors_state_dict(s, initial_device) for s in shards]
-    if granite_speech:
-        parts.append(load_adapter(path))
-    return ChainMap(*parts)
-
-
-def install() -> None:
-    """Route FMS's checkpoint loading through `load_state_dict` above (idempotent)."""
     serialization.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        serialization.load_state_dict = fms_load_state_dict

@@ -5,6 +5,7 @@ arguments, an unusable checkpoint, or every input failed). Each failure is one l
 """
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -12,8 +13,7 @@ import warnings
 from pathlib import Path
 
 from fms_speech import bench
-from fms_speech.prompts import PromptError, instruction
-from fms_speech.transcribe import DTYPES, Transcriber, Transcription
+from fms_speech.transcribe import DTYPES, TranscribeOptions, Transcriber, Transcription
 from fms_speech.writers import WRITERS, output_formats, write_result
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_RAN = 0, 1, 2
@@ -111,10 +111,16 @@ def _report(result: Transcription, args, stem: str, metadata: dict, single: bool
     return True
 
 
+def options_from(args: argparse.Namespace) -> TranscribeOptions:
+    """The TranscribeOptions whose fields the parsed arguments name (ValueError if invalid)."""
+    names = [f.name for f in dataclasses.fields(TranscribeOptions) if hasattr(args, f.name)]
+    return TranscribeOptions(**{name: getattr(args, name) for name in names})
+
+
 def transcribe(args) -> int:
     try:
-        instruction(args.task, args.language, args.prompt)
-    except PromptError as error:
+        options = options_from(args)
+    except ValueError as error:
         _fail(str(error))
         return EXIT_NOTHING_RAN
     stems = _output_stems(args.files)
@@ -143,22 +149,7 @@ def transcribe(args) -> int:
         "task": args.task,
     }
     succeeded = 0
-    try:
-        results = transcriber.stream(
-            args.files,
-            batch_size=args.batch_size,
-            task=args.task,
-            language=args.language,
-            prompt=args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            window_seconds=args.window_seconds,
-            overlap_seconds=args.overlap_seconds,
-            max_audio_seconds=args.max_audio_seconds,
-        )
-    except (ValueError, PromptError) as error:
-        _fail(str(error))
-        return EXIT_NOTHING_RAN
+    results = transcriber.stream(args.files, options)
     progress = _progress_bar(args, len(args.files))
     for result in results:
         single = len(args.files) == 1

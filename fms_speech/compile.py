@@ -13,7 +13,8 @@ dynamic graph hold for every shape:
 """
 
 import torch
-import torch.fx.experimental._config as fx_config
+
+from fms_speech._compat import fx_config
 
 
 def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:

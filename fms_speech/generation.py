@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from fms.utils import generation as fms_generation
 
-# FMS's per-step update: extends the attention mask by one key and advances position ids
-_extend_padding_kwargs = fms_generation.__update_padding_kwargs
+from fms_speech._compat import extend_padding_kwargs
 
 # transformers' "impossible" score: added to beams that may not be chosen
 _EXCLUDED = -1.0e9
@@ -243,7 +242,7 @@ def _decode(model, search, logits, cache, lora_gate, padding_kwargs) -> int:
             return steps
         if beam_source is not None:
             cache = _select_rows(cache, beam_source)
-        padding_kwargs = _extend_padding_kwargs(True, padding_kwargs)
+        padding_kwargs = extend_padding_kwargs(True, padding_kwargs)
         # a fresh (N, 1) tensor: dynamo guards on the base of a view, which differs by search
         next_ids = tokens.view(-1, 1).clone()
         logits, cache = model(

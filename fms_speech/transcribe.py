@@ -12,8 +12,8 @@ queue that runs through the model `batch_size` windows at a time; a file's resul
 soon as its last window is done, so memory stays flat however long or many the inputs are.
 """
 
+import dataclasses
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -32,6 +32,7 @@ from fms_speech.audio import (
     prepare_waveform,
     split_audio,
 )
+from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
@@ -42,8 +43,37 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STAGES = ("load", "features", "prefill", "decode")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that fms-speech cannot run."""
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """What to ask of the model and how to run it: built once by the CLI, the server or a user.
+
+    Invalid values raise ValueError with one sentence when the object is made.
+    """
+
+    task: str = "transcribe"  # or "translate", into `language`
+    language: str | None = None  # target of translate: a name or an ISO 639-1 code (fr)
+    prompt: str | None = None  # a free instruction instead of the task's
+    num_beams: int = 1  # 1: greedy
+    max_new_tokens: int = 200
+    batch_size: int = 8  # windows per model call
+    window_seconds: float = 30.0  # long audio is cut into windows of at most this
+    overlap_seconds: float = 1.0  # shared by consecutive windows, for stitching
+    max_audio_seconds: float | None = None  # longer inputs fail; None: no limit
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("batch_size, max_new_tokens and num_beams must be at least 1")
+        if self.window_seconds < 1:
+            raise ValueError(f"the window must be at least 1 s, not {self.window_seconds:g} s")
+        if not 0 <= self.overlap_seconds < self.window_seconds / 2:
+            raise ValueError("the overlap must be at least 0 s and below half the window")
+        if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
+            raise ValueError("the longest audio allowed must be more than 0 s")
+        self.instruction()  # a PromptError (a ValueError) for a bad task or language
+
+    def instruction(self) -> str:
+        """The user message for the model, with its one `<|audio|>`."""
+        return instruction(self.task, self.language, self.prompt)
 
 
 @dataclass
@@ -65,18 +95,6 @@ class Transcription:
 
 
 @dataclass
-class _Request:
-    template: str  # the chat-templated prompt with one <|audio|>
-    batch_size: int
-    max_new_tokens: int
-    num_beams: int
-    window_seconds: float
-    overlap_seconds: float
-    max_audio_seconds: float | None
-    sample_rate: int
-
-
-@dataclass
 class _Window:
     owner: int  # index of its input
     start: int  # samples
@@ -92,34 +110,13 @@ class _Pending:
     remaining: int
 
 
-def check_checkpoint(model_dir: str | Path) -> Path:
-    """The directory, if it holds a Granite Speech config, weights and a tokenizer."""
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory")
-    try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise CheckpointError(f"{config_path} is not a valid JSON config") from None
-    if model_type != "granite_speech":
-        raise CheckpointError(
-            f"{directory} holds a {model_type!r} model; fms-speech runs 'granite_speech' ones"
-        )
-    weights = [p for p in directory.glob("*.safetensors") if not p.name.startswith("adapter")]
-    if not weights:
-        raise CheckpointError(f"{directory} has no model weights (*.safetensors)")
-    if not any(
-        (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json)")
-    return directory
-
-
 def _source_name(item: AudioInput, index: int) -> str:
     return str(item) if isinstance(item, (str, Path)) else f"array {index}"
+
+
+def resolve_options(options: TranscribeOptions | None, **overrides) -> TranscribeOptions:
+    """`options` (or the defaults) with `overrides` applied and checked."""
+    return dataclasses.replace(options or TranscribeOptions(), **overrides)
 
 
 class Transcriber:
@@ -141,6 +138,7 @@ class Transcriber:
         dtype: str | torch.dtype = torch.float32,
         compile: bool = False,
     ) -> "Transcriber":
+        """Load a hub-layout checkpoint directory; CheckpointError (one sentence) if unusable."""
         directory = check_checkpoint(model_dir)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -151,24 +149,30 @@ class Transcriber:
             raise ValueError("device cuda was asked for but this machine has no usable GPU")
         tokenizer = load_tokenizer(directory)
         try:
-            model = get_model(
-                "hf_pretrained", model_path=str(directory), device_type=device.type, data_type=dtype
-            )
+            with index_aware_loading():
+                model = get_model(
+                    "hf_pretrained",
+                    model_path=str(directory),
+                    device_type=device.type,
+                    data_type=dtype,
+                )
         except (ValueError, KeyError, FileNotFoundError, OSError) as error:
             raise CheckpointError(f"cannot load the model in {directory}: {error}") from None
         return cls(model.eval(), tokenizer, device, dtype, compile)
 
-    # ---- the public entry point
+    # ---- the public entry points
 
     def transcribe(
         self,
         inputs: AudioInput | Iterable[AudioInput],
+        options: TranscribeOptions | None = None,
         *,
         errors: str = "raise",
         progress=None,
-        **options,
+        sample_rate: int = SAMPLE_RATE,
+        **overrides,
     ) -> list[Transcription]:
-        """One Transcription per input, in the inputs' order; `options` as for `stream`.
+        """One Transcription per input, in the inputs' order; arguments as for `stream`.
 
         errors="raise" raises the first bad input's AudioError; errors="record" stores it in
         that input's `error` and goes on. `progress` (e.g. a tqdm bar) advances per input.
@@ -176,7 +180,7 @@ class Transcriber:
         if errors not in ("raise", "record"):
             raise ValueError(f"errors must be 'raise' or 'record', not {errors!r}")
         results = []
-        for result in self.stream(inputs, **options):
+        for result in self.stream(inputs, options, sample_rate=sample_rate, **overrides):
             if result.error is not None and errors == "raise":
                 raise AudioError(result.error)
             results.append(result)
@@ -187,41 +191,20 @@ class Transcriber:
     def stream(
         self,
         inputs: AudioInput | Iterable[AudioInput],
+        options: TranscribeOptions | None = None,
         *,
-        batch_size: int = 8,
-        task: str = "transcribe",
-        language: str | None = None,
-        prompt: str | None = None,
-        max_new_tokens: int = 200,
-        num_beams: int = 1,
-        window_seconds: float = 30.0,
-        overlap_seconds: float = 1.0,
-        max_audio_seconds: float | None = None,
         sample_rate: int = SAMPLE_RATE,
+        **overrides,
     ) -> Iterator[Transcription]:
         """Each input's Transcription as soon as it is finished (failed ones at once).
 
-        Inputs are paths or 1-D arrays at `sample_rate`. Audio longer than `window_seconds` is
-        cut into windows that overlap by `overlap_seconds`; `batch_size` windows run together.
+        Inputs are paths or 1-D arrays at `sample_rate`. `options` (default TranscribeOptions())
+        with keyword `overrides` of its fields, e.g. `stream(files, batch_size=4)`.
         """
-        if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
-            raise ValueError("batch_size, max_new_tokens and num_beams must be at least 1")
-        if not 0 <= overlap_seconds < window_seconds / 2:
-            raise ValueError("the overlap must be at least 0 s and below half the window")
-        if max_audio_seconds is not None and max_audio_seconds <= 0:
-            raise ValueError("the longest audio allowed must be more than 0 s")
-        request = _Request(
-            chat_text(self.tokenizer, instruction(task, language, prompt)),
-            batch_size,
-            max_new_tokens,
-            num_beams,
-            window_seconds,
-            overlap_seconds,
-            max_audio_seconds,
-            sample_rate,
-        )
+        options = resolve_options(options, **overrides)
+        template = chat_text(self.tokenizer, options.instruction())
         single = isinstance(inputs, (str, Path, np.ndarray, torch.Tensor))
-        return self._stream([inputs] if single else inputs, request)
+        return self._stream([inputs] if single else inputs, options, template, sample_rate)
 
     # ---- streaming windows through the model
 
@@ -230,7 +213,13 @@ class Transcriber:
             return load_audio(item)
         return prepare_waveform(item, sample_rate)
 
-    def _stream(self, items: Iterable[AudioInput], request: _Request) -> Iterator[Transcription]:
+    def _stream(
+        self,
+        items: Iterable[AudioInput],
+        options: TranscribeOptions,
+        template: str,
+        sample_rate: int,
+    ) -> Iterator[Transcription]:
         pending: dict[int, _Pending] = {}
         queue: list[_Window] = []
         for index, item in enumerate(items):
@@ -238,9 +227,9 @@ class Transcriber:
             result.timings = dict.fromkeys(STAGES, 0.0)
             started = time.perf_counter()
             try:
-                waveform = self._load(item, request.sample_rate)
+                waveform = self._load(item, sample_rate)
                 result.duration = waveform.numel() / SAMPLE_RATE
-                limit = request.max_audio_seconds
+                limit = options.max_audio_seconds
                 if limit is not None and result.duration > limit:
                     raise AudioError(
                         f"Cannot transcribe '{result.source}': it is {result.duration:.1f} s "
@@ -251,22 +240,26 @@ class Transcriber:
                 yield result
                 continue
             result.timings["load"] = time.perf_counter() - started
-            ranges = split_audio(waveform, request.window_seconds, request.overlap_seconds)
+            ranges = split_audio(waveform, options.window_seconds, options.overlap_seconds)
             windows = [_Window(index, start, end, waveform[start:end]) for start, end in ranges]
             pending[index] = _Pending(result, windows, len(windows))
             queue.extend(windows)
-            while len(queue) >= request.batch_size:
-                batch, queue = queue[: request.batch_size], queue[request.batch_size :]
-                yield from self._run(batch, pending, request)
+            while len(queue) >= options.batch_size:
+                batch, queue = queue[: options.batch_size], queue[options.batch_size :]
+                yield from self._run(batch, pending, options, template)
         while queue:
-            batch, queue = queue[: request.batch_size], queue[request.batch_size :]
-            yield from self._run(batch, pending, request)
+            batch, queue = queue[: options.batch_size], queue[options.batch_size :]
+            yield from self._run(batch, pending, options, template)
 
     def _run(
-        self, batch: list[_Window], pending: dict[int, _Pending], request: _Request
+        self,
+        batch: list[_Window],
+        pending: dict[int, _Pending],
+        options: TranscribeOptions,
+        template: str,
     ) -> Iterator[Transcription]:
         try:
-            timings = self._generate(batch, request)
+            timings = self._generate(batch, options, template)
         except (RuntimeError, ValueError) as error:  # e.g. out of memory: fail these inputs only
             timings = {}
             for window in batch:
@@ -287,21 +280,23 @@ class Transcriber:
                 yield _assemble(entry)
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Window], request: _Request) -> dict[str, float]:
+    def _generate(
+        self, batch: list[_Window], options: TranscribeOptions, template: str
+    ) -> dict[str, float]:
         started = time.perf_counter()
         features, feature_lengths = log_mel([window.waveform.to(self.device) for window in batch])
         counts = self.model.audio_token_counts(features, feature_lengths).tolist()
-        prompts = [prompt_ids(self.tokenizer, request.template, n) for n in counts]
+        prompts = [prompt_ids(self.tokenizer, template, n) for n in counts]
         features_seconds = time.perf_counter() - started
         output = generate(
             self.runner,
             prompts,
             features.to(self.dtype),
             feature_lengths,
-            max_new_tokens=request.max_new_tokens,
+            max_new_tokens=options.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=_pad_id(self.tokenizer),
-            num_beams=request.num_beams,
+            num_beams=options.num_beams,
         )
         for window, sequence in zip(batch, output.sequences, strict=True):
             window.text = self.tokenizer.decode(sequence, skip_special_tokens=True).strip()

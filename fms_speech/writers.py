@@ -17,6 +17,11 @@ def _clock(seconds: float, decimal_marker: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
 
 
+def _cue_text(text: str) -> str:
+    # "-->" inside a cue's text would read as a timing line to subtitle parsers (as whisper does)
+    return text.replace("-->", "->")
+
+
 def to_txt(result: Transcription, metadata: dict) -> str:
     return result.text + "\n"
 
@@ -38,7 +43,7 @@ def to_json(result: Transcription, metadata: dict) -> str:
 
 def to_srt(result: Transcription, metadata: dict) -> str:
     blocks = [
-        f"{number}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text}\n"
+        f"{number}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{_cue_text(s.text)}\n"
         for number, s in enumerate(result.segments, start=1)
     ]
     return "\n".join(blocks)
@@ -46,7 +51,8 @@ def to_srt(result: Transcription, metadata: dict) -> str:
 
 def to_vtt(result: Transcription, metadata: dict) -> str:
     blocks = [
-        f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text}\n" for s in result.segments
+        f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{_cue_text(s.text)}\n"
+        for s in result.segments
     ]
     return "\n".join(["WEBVTT\n", *blocks])
 

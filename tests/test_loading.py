@@ -9,6 +9,7 @@ import torch
 from reference import index_shards, prompt_ids, relative_error
 from safetensors.torch import load_file, save_file
 
+from fms_speech import checkpoint
 from fms_speech.models.granite_speech import build_granite_speech_params
 
 
@@ -46,15 +47,38 @@ def test_checkpoint_uses_transformers_4_names_and_shards(saved):
     assert len(index_shards(directory)) > 1
 
 
-def test_orphaned_shard_set_is_ignored(saved, tmp_path):
-    model, directory, expected = saved
+@pytest.fixture
+def with_orphans(saved, tmp_path):
+    _, directory, _ = saved
     target = tmp_path / "with_orphans"
     shutil.copytree(directory, target)
     # an older, incompatible shard set beside the indexed one, as on the hub
     orphan = {"encoder.out.weight": torch.zeros(42, 32), "encoder.out.bias": torch.zeros(42)}
     save_file(orphan, target / "model-00001-of-00003.safetensors")
-    loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
+    return target
+
+
+def test_fms_alone_reads_the_orphaned_shard_set(with_orphans):
+    # why index_aware_loading exists: FMS globs every *.safetensors (ibm-fms 1.13.1)
+    with pytest.raises(ValueError, match="shape mismatch for encoder.out"):
+        fms.models.get_model("hf_pretrained", model_path=str(with_orphans))
+
+
+def test_index_aware_loading_ignores_the_orphaned_shard_set(saved, with_orphans):
+    _, _, expected = saved
+    with checkpoint.index_aware_loading():
+        loaded = fms.models.get_model("hf_pretrained", model_path=str(with_orphans)).eval()
     assert relative_error(_logits(loaded), expected) == 0.0
+
+
+def test_index_aware_loading_is_undone_on_exit(with_orphans):
+    from fms.utils import serialization
+
+    fms_loader = serialization.load_state_dict
+    with pytest.raises(RuntimeError), checkpoint.index_aware_loading():
+        assert serialization.load_state_dict is not fms_loader
+        raise RuntimeError("leaves the block")
+    assert serialization.load_state_dict is fms_loader
 
 
 def test_transformers_5_names_single_file(saved, tmp_path):
@@ -153,7 +177,7 @@ def test_index_naming_an_absent_shard_fails_clearly(saved, tmp_path):
     shutil.copytree(directory, target)
     first = index_shards(directory)[0]
     (target / first).unlink()
-    with pytest.raises(FileNotFoundError, match=first):
+    with pytest.raises(FileNotFoundError, match=first), checkpoint.index_aware_loading():
         fms.models.get_model("hf_pretrained", model_path=str(target))
 
 

@@ -15,6 +15,14 @@ def _result() -> Transcription:
     return Transcription("talk.wav", 0, "first window second, é", segments, 3725.25, timings)
 
 
+def test_subtitle_cues_never_carry_a_timing_arrow():
+    result = Transcription("a.wav", 0, "a --> b", [Segment(0.0, 1.0, "a --> b")], 1.0)
+    for name in ("srt", "vtt"):
+        text = WRITERS[name](result, {})
+        assert text.count("-->") == 1, name  # the timing line's own
+        assert "a -> b" in text
+
+
 def test_srt_vtt_tsv_carry_every_segment_with_its_times():
     result = _result()
     assert WRITERS["srt"](result, {}) == (

@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 from fms import models
 from fms.models.granite import Granite, GraniteConfig
-from fms.models.granite import _hf_to_fms_rope as _granite_hf_to_fms_rope
-from fms.models.hf.config_utils import _FMS_MODEL_CONFIG_REGISTRY
 from fms.models.hf.config_utils.param_builders import build_granite_params
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
 
 from fms_speech import checkpoint
+from fms_speech._compat import granite_hf_to_fms_rope, register_hf_architecture
 from fms_speech.models.conformer import (
     ConformerConfig,
     ConformerEncoder,
@@ -45,6 +44,7 @@ class GraniteSpeechConfig(ModelConfig):
     text_config: GraniteConfig = field(default_factory=GraniteConfig)
     audio_token_index: int = 49159
     lora_rank: int = 64  # 0: no audio adapter
+    lora_alpha: float = 32.0  # PEFT scaling alpha / rank, folded into B when the adapter loads
     fused_weights: bool = True
 
 
@@ -248,11 +248,39 @@ models.register_model(_architecture_name, "3.2-8b", _granite_speech_factory_fact
 models.register_model(_architecture_name, "4.0-1b", _granite_speech_factory_factory(_4_0_1b_config))
 
 
-# ---- transformers config -> ours (fms.models.get_model("hf_pretrained", model_path=DIR))
+# ---- transformers config <-> ours (fms.models.get_model("hf_pretrained", model_path=DIR))
+
+# fields named alike on both sides
+_ENCODER_FIELDS = (
+    "input_dim",
+    "num_layers",
+    "hidden_dim",
+    "feedforward_mult",
+    "num_heads",
+    "dim_head",
+    "output_dim",
+    "context_size",
+    "max_pos_emb",
+    "conv_kernel_size",
+    "conv_expansion_factor",
+)
+# ours -> transformers' Blip2QFormerConfig
+_PROJECTOR_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "cross_attention_frequency": "cross_attention_frequency",
+    "encoder_hidden_size": "encoder_hidden_size",
+    "layer_norm_eps": "layer_norm_eps",
+}
 
 
 def build_granite_speech_params(config) -> dict:
-    """Map transformers' GraniteSpeechConfig to GraniteSpeech keyword overrides."""
+    """Map transformers' GraniteSpeechConfig to GraniteSpeech keyword overrides.
+
+    The adapter's rank and alpha come from `adapter_config.json` beside config.json.
+    """
     text = config.text_config
     if text.model_type != "granite":
         raise ValueError(f"unsupported LLM type {text.model_type!r} (expected 'granite')")
@@ -262,45 +290,71 @@ def build_granite_speech_params(config) -> dict:
         getattr(config, "tie_word_embeddings", text_params["tie_heads"])
     )
     model_dir = getattr(config, "_name_or_path", None)
+    lora_rank, lora_alpha = checkpoint.adapter_settings(model_dir) if model_dir else (0, 0.0)
     return {
-        "encoder_config": ConformerConfig(
-            input_dim=encoder.input_dim,
-            num_layers=encoder.num_layers,
-            hidden_dim=encoder.hidden_dim,
-            feedforward_mult=encoder.feedforward_mult,
-            num_heads=encoder.num_heads,
-            dim_head=encoder.dim_head,
-            output_dim=encoder.output_dim,
-            context_size=encoder.context_size,
-            max_pos_emb=encoder.max_pos_emb,
-            conv_kernel_size=encoder.conv_kernel_size,
-            conv_expansion_factor=encoder.conv_expansion_factor,
-        ),
+        "encoder_config": ConformerConfig(**{k: getattr(encoder, k) for k in _ENCODER_FIELDS}),
         "projector_config": QFormerConfig(
-            hidden_size=projector.hidden_size,
-            num_layers=projector.num_hidden_layers,
-            num_heads=projector.num_attention_heads,
-            intermediate_size=projector.intermediate_size,
-            cross_attention_frequency=projector.cross_attention_frequency,
-            encoder_hidden_size=projector.encoder_hidden_size,
-            layer_norm_eps=projector.layer_norm_eps,
+            **{ours: getattr(projector, theirs) for ours, theirs in _PROJECTOR_FIELDS.items()},
             window_size=config.window_size,
             downsample_rate=config.downsample_rate,
             output_size=text.hidden_size,
         ),
         "text_config": GraniteConfig(**text_params),
         "audio_token_index": config.audio_token_index,
-        "lora_rank": checkpoint.adapter_rank(model_dir) if model_dir else 0,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
     }
 
 
-_FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info(
+def hf_config(config: GraniteSpeechConfig):
+    """transformers' GraniteSpeechConfig for ours: the inverse of build_granite_speech_params."""
+    from transformers import GraniteSpeechConfig as HFGraniteSpeechConfig
+
+    encoder, projector, text = config.encoder_config, config.projector_config, config.text_config
+    text_config = {
+        "model_type": "granite",
+        "vocab_size": text.src_vocab_size,
+        "hidden_size": text.emb_dim,
+        "intermediate_size": round(text.emb_dim * text.hidden_grow_factor),
+        "num_hidden_layers": text.nlayers,
+        "num_attention_heads": text.nheads,
+        "num_key_value_heads": text.kvheads,
+        "head_dim": text.head_dim,
+        "max_position_embeddings": text.max_expected_seq_len,
+        "rms_norm_eps": text.norm_eps,
+        "rope_theta": text.rope_theta,
+        "embedding_multiplier": text.embedding_multiplier,
+        "residual_multiplier": text.residual_multiplier,
+        "attention_multiplier": text.attention_multiplier,
+        "logits_scaling": text.logits_scaling,
+        "tie_word_embeddings": text.tie_heads,
+    }
+    return HFGraniteSpeechConfig(
+        encoder_config={**{k: getattr(encoder, k) for k in _ENCODER_FIELDS}, "dropout": 0.0},
+        projector_config={
+            "model_type": "blip_2_qformer",
+            **{theirs: getattr(projector, ours) for ours, theirs in _PROJECTOR_FIELDS.items()},
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        text_config=text_config,
+        audio_token_index=config.audio_token_index,
+        window_size=projector.window_size,
+        downsample_rate=projector.downsample_rate,
+        has_lora_adapter=config.lora_rank > 0,
+        tie_word_embeddings=text.tie_heads,
+    )
+
+
+register_hf_architecture(
     "GraniteSpeechForConditionalGeneration", _architecture_name, build_granite_speech_params
 )
 
 
 # ---- serialization: transformers 4.x / 5.x names (+ PEFT adapter keys) -> ours
 
+# PEFT's prefix on the adapter's keys (adapter_model.safetensors, read with the base shards)
+_PEFT_PREFIX = "base_model.model."
 # checkpoint prefixes of transformers 5.x -> the 4.x ones the rules below use
 _V5_PREFIXES = [
     (r"^model\.encoder\.", "encoder."),
@@ -332,17 +386,21 @@ _LORA_KEY = re.compile(
 
 
 def _canonical(name: str) -> str:
+    name = name.removeprefix(_PEFT_PREFIX)
     for pattern, replacement in _V5_PREFIXES:
         name = re.sub(pattern, replacement, name)
     return name
 
 
-def _lora_to_fms(name: str, tensor, text_config: GraniteConfig) -> tuple[str, Any]:
+def _lora_to_fms(name: str, tensor, config: GraniteSpeechConfig) -> tuple[str, Any]:
     layer, proj, ab = _LORA_KEY.match(name).groups()
+    if ab == "B":
+        # PEFT computes B(A x) * alpha / r: fold the scaling into B once
+        tensor = tensor * (config.lora_alpha / config.lora_rank)
     if proj == "q" and ab == "B":
         # the q rows are permuted for FMS's RoPE layout: permute the LoRA's output rows alike
         fake = f"base_model.layers.{layer}.attn.in_proj.query.weight"
-        tensor = _granite_hf_to_fms_rope({fake: tensor}, model_config=text_config)[fake]
+        tensor = granite_hf_to_fms_rope({fake: tensor}, model_config=config.text_config)[fake]
     return f"language_model.base_model.layers.{layer}.attn.in_proj.lora_{proj}_{ab.lower()}", tensor
 
 
@@ -365,11 +423,16 @@ def _hf_to_fms(
             unexpected.append(name)
     if unexpected:
         raise ValueError(f"unexpected keys in the checkpoint: {', '.join(sorted(unexpected))}")
+    if lora_sd and config.lora_rank == 0:
+        raise ValueError(
+            f"the checkpoint has audio LoRA weights ({min(lora_sd)}) but the model was built "
+            "without an adapter (lora_rank=0)"
+        )
     try:
-        new_sd.update(_lora_to_fms(n, t, config.text_config) for n, t in lora_sd.items())
+        new_sd.update(_lora_to_fms(n, t, config) for n, t in lora_sd.items())
         if llm_sd:
-            granite_adapter = serialization._get_adapter("granite", "hf")
-            adapted = granite_adapter(llm_sd, model_config=config.text_config)
+            adapter_kwargs = {"model_config": config.text_config}
+            adapted = serialization.get_adapted("granite", "hf", llm_sd, adapter_kwargs)
             new_sd.update((f"language_model.{k}", v) for k, v in adapted.items())
     except RuntimeError as error:  # FMS's RoPE/fusion steps reshape by the config's heads
         llm_tensors = {**lora_sd, **{f"language_model.{k}": v for k, v in llm_sd.items()}}

@@ -1,0 +1,29 @@
+"""Every private name of FMS or torch that fms-speech uses, in one place.
+
+None has a public equivalent in the versions checked (ibm-fms 1.13.1, torch 2.13.0); each says
+why it is needed. docs/upstream.md proposes the public API FMS could offer instead. The rest of
+fms_speech uses public APIs only.
+"""
+
+from fms.models import granite as _fms_granite
+from fms.models.hf import config_utils as _fms_config_utils
+from fms.utils import generation as _fms_generation
+from torch.fx.experimental import _config as _torch_fx_config
+
+# torch's symbolic-shape settings (`backed_size_oblivious`, `use_duck_shape`) that keep one
+# dynamic graph for every length and batch (fms_speech.compile); torch 2.13 has no public switch.
+fx_config = _torch_fx_config
+
+# The permutation FMS applies to HF q/k rows for its RoPE layout: the audio LoRA's q B matrix
+# must be permuted alike. ibm-fms 1.13.1 only registers it as a step of the whole Granite
+# adapter, which also fuses q/k/v and cannot take a lone LoRA tensor.
+granite_hf_to_fms_rope = _fms_granite._hf_to_fms_rope
+
+# FMS's per-step update of the padding kwargs (extends the attention mask by one key, advances
+# position ids): the generation loop needs it to drive FMS's KV cache one token at a time.
+# `fms.utils.generation.generate` uses it but ibm-fms 1.13.1 does not export it.
+extend_padding_kwargs = _fms_generation.__update_padding_kwargs
+
+# Registering a transformers architecture for `get_model("hf_pretrained", ...)`: ibm-fms 1.13.1
+# keeps the registry module-private and fills it with in-tree models only.
+register_hf_architecture = _fms_config_utils._FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info
