@@ -17,6 +17,7 @@ FMS transformations that rebuild the attention's projections either keep the LoR
   a new attention without them, so an attention carrying the LoRA refuses it, and `add_lora`
   refuses an attention that is already tensor-parallel;
 - quantized or name-dependent linear types (`linear_config`) are refused by `add_lora`.
+(`GraniteSpeech` itself refuses FMS's distributed strategies; see docs/upstream.md, section 3.)
 """
 
 import torch
