@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from fms import models
+from fms.distributed.strategy import DistributedStrategy, NoOpStrategy, NotDistributed
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
 from fms.utils import serialization
@@ -49,8 +50,18 @@ class GraniteSpeechConfig(ModelConfig):
 
 
 class GraniteSpeech(nn.Module):
-    def __init__(self, config: GraniteSpeechConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        config: GraniteSpeechConfig | None = None,
+        distributed_strategy: DistributedStrategy = NoOpStrategy,
+        **kwargs,
+    ):
         super().__init__()
+        if not isinstance(distributed_strategy, NotDistributed):  # get_model passes its strategy
+            raise NotImplementedError(
+                f"GraniteSpeech does not support {type(distributed_strategy).__name__} yet: "
+                "load it on one device, without a distributed_strategy"
+            )
         self.config = (config or GraniteSpeechConfig()).updated(**kwargs)
         if not self.config.fused_weights:
             raise ValueError("GraniteSpeech needs fused_weights=True (the LoRA rides on them)")
