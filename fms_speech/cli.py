@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fms_speech import bench
+from fms_speech.bench import cli as bench_cli
 from fms_speech.transcribe import DTYPES, TranscribeOptions, Transcriber, Transcription
 from fms_speech.writers import WRITERS, output_formats, write_result
 
@@ -55,11 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_transcribe(commands)
-    bench.add_bench_arguments(
-        commands.add_parser(
-            "bench", help="measure the reference and fms-speech, eager and compiled"
-        )
-    )
+    bench_cli.add_command(commands)
     return parser
 
 
@@ -177,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "transcribe":
         return transcribe(args)
     if args.command == "bench":
-        return bench.run_bench(args)
+        return bench_cli.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,7 +1,8 @@
 """A padded batch gives each clip what it gets alone (the reference leaks padding)."""
 
 import torch
-from reference import AUDIO_TOKEN, prompt_ids
+
+from fms_speech.testing.reference import AUDIO_TOKEN, prompt_ids
 
 TOLERANCE = 1e-5  # absolute, fp32
 

@@ -1,11 +1,13 @@
 """`fms-speech bench --quick`: every output is written and holds the expected structure."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from fms_speech import bench
-from fms_speech.bench_models import SYSTEMS
+from fms_speech.bench import cli
+from fms_speech.bench.settings import SYSTEMS, ClipShape
 
 STAGES = ("features", "prefill", "decode", "end_to_end")
 
@@ -13,7 +15,7 @@ STAGES = ("features", "prefill", "decode", "end_to_end")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--quick", "--output-dir", str(out)]) == 0
+    assert cli.main(["--quick", "--output-dir", str(out)]) == 0
     return out, json.loads((out / "bench.json").read_text())
 
 
@@ -54,3 +56,82 @@ def test_report_files(quick_run):
     for plot in results["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report
+
+
+def test_shape_keys_of_the_report_are_clip_shapes(quick_run):
+    _, results = quick_run
+    settings = results["meta"]["settings"]
+    keys = set(results["runs"]["float32"]["fms eager"]["e2e"])
+    expected = {ClipShape(s, b) for s in settings["lengths"] for b in settings["batch_sizes"]}
+    assert {ClipShape.from_key(key) for key in keys} == expected
+
+
+@pytest.mark.parametrize(
+    "shape", [ClipShape(10.0, 4), ClipShape(2.5, 1), ClipShape(0.25, 16), ClipShape(30.0, 1)]
+)
+def test_clip_shape_key_round_trip(shape):
+    assert ClipShape.from_key(shape.key) == shape
+    assert ClipShape.from_key(shape.key.replace(" ", "")) == shape
+
+
+def test_clip_shape_key_is_the_reports_name():
+    assert ClipShape(10.0, 4).key == "10s x4"
+    assert ClipShape(2.5, 1).key == "2.5s x1"
+
+
+@pytest.mark.parametrize("key", ["10s", "x4", "10 x4", "10s x", "-1s x4", "10s x4.5", ""])
+def test_clip_shape_rejects_other_text(key):
+    with pytest.raises(ValueError, match="not a clip shape"):
+        ClipShape.from_key(key)
+
+
+HEAVY = (
+    "matplotlib",
+    "peft",
+    "fms_speech.bench.run",
+    "fms_speech.bench.systems",
+    "fms_speech.testing.reference",
+    "transformers.models.granite_speech.modeling_granite_speech",
+)
+
+
+def test_bench_options_load_no_bench_machinery():
+    """`fms-speech bench --help` (and so every command's parser) loads neither the bench's
+    measuring code nor transformers' Granite Speech model nor matplotlib."""
+    code = (
+        "import sys\n"
+        "from fms_speech import cli\n"
+        "try:\n"
+        "    cli.main(['bench', '--help'])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0\n"
+        f"print('loaded:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--quick" in run.stdout
+    assert run.stdout.splitlines()[-1] == "loaded: []"
+
+
+def test_missing_bench_dependency_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(cli.BENCH_DEPENDENCIES, "no_such_module_of_the_bench", "no-such-package")
+    assert cli.main(["--quick", "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        "fms-speech bench: error: the bench needs no-such-package: pip install no-such-package\n"
+    )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--variant", "9.9-9b"], "unknown --variant '9.9-9b' (one of "),
+        (["--model", "no/such/dir"], "--model no/such/dir is not a checkpoint directory"),
+    ],
+)
+def test_bad_source_is_one_line_and_exit_2(arguments, message, capsys, tmp_path):
+    assert cli.main([*arguments, "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"fms-speech bench: error: {message}")
+    assert error.count("\n") == 1
+    assert not any(tmp_path.iterdir())

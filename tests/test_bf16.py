@@ -2,7 +2,8 @@
 
 import fms.models
 import torch
-from reference import prompt_ids, relative_error
+
+from fms_speech.testing.reference import prompt_ids, relative_error
 
 
 def test_bf16_logits_close_to_fp32_with_same_argmax(checkpoints):

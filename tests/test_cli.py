@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from reference import AUDIO_TOKEN
 from transformers import AutoTokenizer
 
 from fms_speech.audio import load_audio, log_mel
@@ -21,6 +20,7 @@ from fms_speech.cli import main
 from fms_speech.models.qformer import num_audio_tokens
 from fms_speech.prompts import chat_text, instruction, prompt_ids
 from fms_speech.synthesis import synthesize, write_audio
+from fms_speech.testing.reference import AUDIO_TOKEN
 
 MAX_NEW_TOKENS = 6
 SENTENCES = {"hello": "hello world", "numbers": "one two three four five six seven"}

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from reference import prompt_ids, relative_error
 from torch._dynamo.utils import counters
 
 from fms_speech.compile import compile_model
+from fms_speech.testing.reference import prompt_ids, relative_error
 
 # dynamo specialises a dimension that is 1 on the first call: a first call with one clip gives a
 # batch-1 graph, the next batch size one dynamic graph that serves everything else

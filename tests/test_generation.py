@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 import torch
-from reference import prompt_ids
 
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
+from fms_speech.testing.reference import prompt_ids
 
 # tied tiny models echo the last prompt token; the untied one writes varied text
 CONFIG = "untied_window12"

@@ -6,11 +6,11 @@ import shutil
 import fms.models
 import pytest
 import torch
-from reference import index_shards, prompt_ids, relative_error
 from safetensors.torch import load_file, save_file
 
 from fms_speech import checkpoint
 from fms_speech.models.granite_speech import build_granite_speech_params
+from fms_speech.testing.reference import index_shards, prompt_ids, relative_error
 
 
 def _logits(model, seed=0):

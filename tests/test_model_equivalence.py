@@ -7,10 +7,9 @@ that division (see docs/model.md); FMS's Granite applies it.
 
 import pytest
 import torch
-from conftest import CONFIGS
-from reference import prompt_ids, relative_error
 
 from fms_speech.compile import compile_model
+from fms_speech.testing.reference import CONFIGS, prompt_ids, relative_error
 
 TOLERANCE = 1e-4
 

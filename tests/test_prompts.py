@@ -1,7 +1,6 @@
 """Prompts from the checkpoint's tokenizer and chat template, `<|audio|>` expanded per clip."""
 
 import pytest
-from reference import AUDIO_TOKEN, save_tokenizer
 
 from fms_speech.prompts import (
     PromptError,
@@ -10,6 +9,7 @@ from fms_speech.prompts import (
     load_tokenizer,
     prompt_ids,
 )
+from fms_speech.testing.reference import AUDIO_TOKEN, save_tokenizer
 
 
 @pytest.fixture(scope="module")

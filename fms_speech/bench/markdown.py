@@ -1,22 +1,22 @@
-"""The Markdown report, the PNG plots and the profile tables of `fms-speech bench`."""
+"""The Markdown report and the profile tables of `fms-speech bench`."""
 
 from pathlib import Path
 
-from fms_speech.bench_models import SYSTEMS
-from fms_speech.bench_report import STAGE_LABELS, STAGES, _get, _seconds, _shapes, _stage_stats
-
-_COLORS = {
-    "reference eager": "#9e9e9e",
-    "reference compiled": "#616161",
-    "fms eager": "#64b5f6",
-    "fms compiled": "#1565c0",
-}
+from fms_speech.bench.results import (
+    STAGE_LABELS,
+    STAGES,
+    all_shapes,
+    format_seconds,
+    lookup,
+    stage_stats,
+)
+from fms_speech.bench.settings import SYSTEMS
 
 
 def _cell(stats: dict | None) -> str:
     if not stats:
         return "-"
-    return f"{_seconds(stats['median'])} [{_seconds(stats['min'])}–{_seconds(stats['max'])}]"
+    return f"{format_seconds(stats['median'])} [{format_seconds(stats['min'])}–{format_seconds(stats['max'])}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -69,14 +69,15 @@ def markdown(results: dict, profiles: dict[str, str]) -> str:
         names = [s for s in SYSTEMS if s in systems]
         lines += [f"## Stages, {dtype}", ""]
         rows = []
-        for shape in _shapes(results):
+        for shape in all_shapes(results):
             for stage in STAGES:
-                cells = [_cell(_stage_stats(systems[n], shape, stage)) for n in names]
+                cells = [_cell(stage_stats(systems[n], shape, stage)) for n in names]
                 if any(c != "-" for c in cells):
-                    rows.append([shape, STAGE_LABELS.get(stage, stage), *cells])
-            rtf = [_get(systems[n], "e2e", shape, "rtf") for n in names]
+                    rows.append([shape.key, STAGE_LABELS.get(stage, stage), *cells])
+            rtf = [lookup(systems[n], "e2e", shape.key, "rtf") for n in names]
             if any(rtf):
-                rows.append([shape, "audio s per s", *[f"{r:.3g}" if r else "-" for r in rtf]])
+                rtf_cells = [f"{r:.3g}" if r else "-" for r in rtf]
+                rows.append([shape.key, "audio s per s", *rtf_cells])
         lines += _table(["shape", "stage", *names], rows)
     lines += _errors_section(results)
     lines += _mixed_section(results)
@@ -132,9 +133,9 @@ def _mixed_row(label: str, record: dict) -> list[str]:
     counts = record["compiles"]
     return [
         label,
-        _seconds(record["first_pass"]),
-        _seconds(record["second_pass"]),
-        _seconds(record["compile_seconds"]),
+        format_seconds(record["first_pass"]),
+        format_seconds(record["second_pass"]),
+        format_seconds(record["compile_seconds"]),
         f"{record['rtf_first_pass']:.3g}",
         f"{record['rtf_second_pass']:.3g}",
         f"{counts['graphs']} / {counts['recompiles']} / {counts['graph_breaks']}",
@@ -145,11 +146,11 @@ def _mixed_section(results: dict) -> list[str]:
     rows = []
     for dtype, systems in results["runs"].items():
         for name in SYSTEMS:
-            mixed = _get(systems, name, "mixed")
+            mixed = lookup(systems, name, "mixed")
             if not mixed:
                 continue
             rows.append(_mixed_row(f"{name}, {dtype}", mixed))
-        warm = _get(results, "warm_cache", dtype)
+        warm = lookup(results, "warm_cache", dtype)
         if warm:
             rows.append(_mixed_row(f"fms compiled, {dtype}, second process (warm cache)", warm))
     if not rows:
@@ -236,13 +237,13 @@ def _machine_section(results: dict) -> list[str]:
         f"{flops['matmul'] / 1e9:.1f} GFLOP in matrix products, {flops['conv'] / 1e9:.2f} in "
         "convolutions; at the GEMM rates: "
         + ", ".join(
-            f"{d} {_seconds(flops['matmul'] / r)}" for d, r in machine["gemm_flops"].items()
+            f"{d} {format_seconds(flops['matmul'] / r)}" for d, r in machine["gemm_flops"].items()
         )
     )
     for name, count in machine["decode_weights"].items():
         lines.append(
             f"- decode step weights ({name}): {count / 1e6:.0f} M; reading them once takes "
-            f"{_seconds(count * 2 / bandwidth)} in bf16, {_seconds(count * 4 / bandwidth)} in fp32"
+            f"{format_seconds(count * 2 / bandwidth)} in bf16, {format_seconds(count * 4 / bandwidth)} in fp32"
         )
     return lines + [""]
 
@@ -270,112 +271,3 @@ def write_profiles(results: dict, out_dir: Path) -> dict[str, str]:
             record["profile_top"] = {stage: p["top"] for stage, p in profile.items()}
             written[f"{name}, {dtype}"] = file
     return written
-
-
-# ---- plots
-
-
-def plots(results: dict, out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for draw, file in (
-        (_plot_stages, "stages.png"),
-        (_plot_rtf, "rtf.png"),
-        (_plot_mixed, "mixed.png"),
-    ):
-        figure = draw(results, plt)
-        if figure is not None:
-            figure.savefig(out_dir / file, dpi=110, bbox_inches="tight")
-            plt.close(figure)
-            written.append(file)
-    return written
-
-
-def _plot_stages(results: dict, plt):
-    runs = results["runs"]
-    shapes = _shapes(results)
-    if not shapes:
-        return None
-    shape = max(shapes, key=lambda s: (float(s.split("s")[0]), -int(s.split("x")[1])))
-    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for axis, (dtype, systems) in zip(axes[0], runs.items(), strict=True):
-        names = [s for s in SYSTEMS if s in systems]
-        width = 0.8 / max(1, len(names))
-        for i, name in enumerate(names):
-            values = [
-                (_stage_stats(systems[name], shape, s) or {}).get("median", 0) for s in STAGES
-            ]
-            positions = [x + i * width for x in range(len(STAGES))]
-            axis.bar(positions, values, width, label=name, color=_COLORS[name])
-        axis.set_xticks([x + 0.4 - width / 2 for x in range(len(STAGES))])
-        axis.set_xticklabels([STAGE_LABELS.get(s, s) for s in STAGES], rotation=20)
-        axis.set_yscale("log")
-        axis.set_ylabel("seconds (median)")
-        axis.set_title(f"{shape}, {dtype}")
-        axis.legend(fontsize=8)
-    return figure
-
-
-def _plot_rtf(results: dict, plt):
-    runs = results["runs"]
-    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    drawn = False
-    for axis, (dtype, systems) in zip(axes[0], runs.items(), strict=True):
-        for name in [s for s in SYSTEMS if s in systems]:
-            e2e = systems[name].get("e2e", {})
-            for batch in sorted({int(s.split("x")[1]) for s in e2e}):
-                points = sorted(
-                    (float(s.split("s")[0]), r["rtf"])
-                    for s, r in e2e.items()
-                    if int(s.split("x")[1]) == batch
-                )
-                style = "-" if batch == max(int(s.split("x")[1]) for s in e2e) else ":"
-                axis.plot(
-                    *zip(*points, strict=True),
-                    style,
-                    marker="o",
-                    color=_COLORS[name],
-                    label=f"{name}, batch {batch}",
-                )
-                drawn = True
-        axis.set_xlabel("clip length (s)")
-        axis.set_ylabel("audio seconds per second")
-        axis.set_yscale("log")
-        axis.set_title(f"end to end, {dtype}")
-        axis.legend(fontsize=7)
-    return figure if drawn else None
-
-
-def _plot_mixed(results: dict, plt):
-    labels, steady, compile_time = [], [], []
-    for dtype, systems in results["runs"].items():
-        for name in SYSTEMS:
-            mixed = _get(systems, name, "mixed")
-            if mixed:
-                labels.append(f"{name}, {dtype}")
-                steady.append(mixed["second_pass"])
-                compile_time.append(mixed["first_pass"] - mixed["second_pass"])
-        warm = _get(results, "warm_cache", dtype)
-        if warm:
-            labels.append(f"fms compiled, {dtype}, warm cache")
-            steady.append(warm["second_pass"])
-            compile_time.append(warm["first_pass"] - warm["second_pass"])
-    if not labels:
-        return None
-    figure, axis = plt.subplots(figsize=(8, 0.45 * len(labels) + 1))
-    axis.barh(labels, steady, color="#1565c0", label="steady state (second pass)")
-    axis.barh(
-        labels,
-        [max(0, c) for c in compile_time],
-        left=steady,
-        color="#ef6c00",
-        label="first pass extra (compilation)",
-    )
-    axis.invert_yaxis()
-    axis.set_xlabel("seconds for the mixed-length workload")
-    axis.legend(fontsize=8)
-    return figure

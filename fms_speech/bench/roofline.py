@@ -8,52 +8,40 @@
   embedding table only through a tied LM head); times the dtype's size, the bytes.
 """
 
-import time
-
 import torch
+from fms.models import get_model
 from torch.utils.flop_counter import FlopCounterMode
+
+from fms_speech.bench.measure import time_calls
+from fms_speech.models.conformer import ConformerEncoder
 
 # the aten ops that are matrix products (attention included); convolutions are counted apart
 _MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "scaled_dot_product", "matmul")
 
 
-def _synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_seconds(fn, device: torch.device, repeats: int) -> float:
-    """The fastest run: a rate the machine reaches (other work on it only slows runs down)."""
-    fn()  # warm-up: first-touch page faults, oneDNN primitive creation
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The fastest run after a warm-up (first-touch page faults, oneDNN primitive creation): a
+    rate the machine reaches (other work on it only slows runs down)."""
+    return time_calls(fn, device, warmup=1, repeats=repeats)["min"]
 
 
 def gemm_rate(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 10):
     """FLOP/s of a (size x size) @ (size x size) product."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    seconds = _best_seconds(lambda: torch.mm(a, b), device, repeats)
+    seconds = best_seconds(lambda: torch.mm(a, b), device, repeats)
     return 2 * size**3 / seconds
 
 
 def memory_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> float:
     """Bytes/s read by summing a float32 tensor of `gib` GiB (beyond any cache)."""
     data = torch.ones(int(gib * 2**30) // 4, device=device)
-    seconds = _best_seconds(lambda: data.sum(), device, repeats)
+    seconds = best_seconds(lambda: data.sum(), device, repeats)
     return data.numel() * 4 / seconds
 
 
 def encoder_flops(encoder_config, frames: int, batch: int = 1) -> dict[str, int]:
     """{'matmul': ..., 'conv': ..., 'total': ...} FLOPs of fms-speech's encoder on `frames`."""
-    from fms_speech.models.conformer import ConformerEncoder
-
     with torch.device("meta"):
         encoder = ConformerEncoder(encoder_config)
         features = torch.empty(batch, frames, encoder_config.input_dim)
@@ -80,8 +68,6 @@ def decode_weight_count(language_model: torch.nn.Module, tied: bool) -> int:
 
 def variant_decode_weight_count(variant: str) -> int:
     """decode_weight_count of a published variant at full depth, from a meta model."""
-    from fms.models import get_model
-
     with torch.device("meta"):
         model = get_model("granite_speech", variant, device_type="meta")
     return decode_weight_count(model.language_model, model.config.text_config.tie_heads)

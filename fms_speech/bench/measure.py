@@ -1,33 +1,55 @@
-"""Measuring tools of `fms-speech bench`: timers, peak memory, compile counters, profiles and
-torch._dynamo.explain."""
+"""Measuring tools of the bench and its experiments: timers, peak memory, compile counters and
+profiles."""
 
+import contextlib
+import ctypes
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch._dynamo import convert_frame
 from torch._dynamo.utils import counters, guard_failures
-
-from fms_speech import bench_models as models
+from torch.profiler import ProfilerActivity, profile
 
 
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def synchronize(device: torch.device):
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device):
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, result) of one call, the device's queued work included."""
     synchronize(device)
     start = time.perf_counter()
     result = fn()
     synchronize(device)
     return time.perf_counter() - start, result
+
+
+def repeat_timed(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> tuple[float, list[tuple[float, Any]]]:
+    """The first call's seconds (warm-up included: compilation shows there), then
+    `warmup - 1` untimed calls, then `repeats` timed ones as (seconds, result)."""
+    first, _ = timed(fn, device)
+    for _ in range(warmup - 1):
+        fn()
+    return first, [timed(fn, device) for _ in range(repeats)]
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeats: int = 3):
+    """{'first_call', 'median', 'min', 'max'} in seconds (see `repeat_timed`)."""
+    first, runs = repeat_timed(fn, device, warmup, repeats)
+    return {"first_call": first, **summary([seconds for seconds, _ in runs])}
 
 
 # Samples the RSS of process `pid` from outside: a sampling thread would take the GIL from
@@ -43,7 +65,10 @@ print(peak)
 
 
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak, or sampled RSS on CPU."""
+    """Peak memory above the level at entry: CUDA allocator peak, or sampled RSS on CPU.
+
+    After the block: `result` = {'peak_bytes', 'above_start_bytes'}.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -58,7 +83,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            _release_free_memory()
+            release_free_memory()
             self.start = self.rss()
             self.sampler = subprocess.Popen(
                 [sys.executable, "-c", _RSS_SAMPLER, str(os.getpid())],
@@ -77,19 +102,13 @@ class PeakMemory:
         self.result = {"peak_bytes": peak, "above_start_bytes": peak - self.start}
 
 
-def _release_free_memory():
+def release_free_memory() -> None:
     """Give freed heap back to the OS so that the RSS at entry is the memory in use."""
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def compile_counts() -> dict:
-    from torch._dynamo import convert_frame
-
     compiles = convert_frame.FRAME_COMPILE_COUNTER.values()
     return {
         "graphs": counters["stats"]["unique_graphs"],
@@ -111,67 +130,34 @@ def counts_since(before: dict) -> dict:
 
 
 def fresh_dynamo() -> dict:
+    """Reset dynamo (every compiled graph forgotten); the counts to pass to `counts_since`."""
     torch._dynamo.reset()
     guard_failures.clear()
     return compile_counts()
 
 
-def profile_call(fn, device: torch.device, rows: int = 15) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_call(fn: Callable[[], Any], device: torch.device, rows: int = 15) -> dict:
+    """One call under torch.profiler: {'table': text, 'top': the `rows` costliest ops}."""
     activities = [ProfilerActivity.CPU]
-    sort = "self_cpu_time_total"
+    sort = "self_cpu_time"
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-        sort = "self_cuda_time_total"
+        sort = "self_cuda_time"
     with profile(activities=activities) as prof, torch.no_grad():
         fn()
         synchronize(device)
     averages = prof.key_averages()
-    total = sum(getattr(e, sort.removesuffix("_total")) for e in averages) or 1.0
-    top = sorted(averages, key=lambda e: -getattr(e, sort.removesuffix("_total")))[:rows]
+    total = sum(getattr(e, sort) for e in averages) or 1.0
+    top = sorted(averages, key=lambda e: -getattr(e, sort))[:rows]
     return {
-        "table": averages.table(sort_by=sort, row_limit=rows),
+        "table": averages.table(sort_by=f"{sort}_total", row_limit=rows),
         "top": [
             {
                 "op": e.key,
-                "self_ms": getattr(e, sort.removesuffix("_total")) / 1000,
-                "share": getattr(e, sort.removesuffix("_total")) / total,
+                "self_ms": getattr(e, sort) / 1000,
+                "share": getattr(e, sort) / total,
                 "calls": e.count,
             }
             for e in top
         ],
     }
-
-
-def explain_graphs(reference, fms_model, batch: models.Batch, device) -> dict:
-    """torch._dynamo.explain of each implementation's prefill forward (graphs and breaks)."""
-    features, lengths = models.features_of(batch, device)
-    prompts = batch.prompts
-    ids, attention = models._left_pad(prompts, device)
-    audio = reference.config.audio_token_index
-    counts = (ids == audio).sum(dim=1)
-    mask = torch.arange(int(counts.max()), device=device)[None, :] < counts[:, None]
-    result = {}
-    with torch.no_grad():
-        torch._dynamo.reset()
-        ref = torch._dynamo.explain(reference)(
-            input_ids=ids,
-            attention_mask=attention,
-            input_features=features.to(reference.dtype),
-            input_features_mask=mask,
-            use_cache=True,
-        )
-        torch._dynamo.reset()
-        ours = torch._dynamo.explain(fms_model)(
-            ids, input_features=features.to(models._dtype(fms_model)), feature_lengths=lengths
-        )
-        torch._dynamo.reset()
-    for name, explanation in (("reference", ref), ("fms", ours)):
-        reasons = [str(r.reason).splitlines()[0][:160] for r in explanation.break_reasons]
-        result[name] = {
-            "graphs": explanation.graph_count,
-            "graph_breaks": explanation.graph_break_count,
-            "break_reasons": sorted(set(reasons)),
-        }
-    return result

@@ -1,32 +1,33 @@
 """Batch-1 decode: oneDNN's matrix product against torch.mv for the one-row linear layers.
 
-    python scripts/decode_gemv.py [--llm-layers 10] [--new-tokens 8] [--rounds 5]
+    python -m fms_speech.bench.experiments.decode_gemv [--llm-layers 10] [--new-tokens 8]
+        [--rounds 5]
 
 At batch 1 every LLM linear of a decode step multiplies one row by a weight matrix. In bf16 on
 this CPU, `F.linear` (oneDNN) streams the weights at about 19–20 GB/s, `torch.mv` (ATen's own
 bf16 gemv) at about 27 GB/s (see docs/bench-notes.md). `ROWS_TIMES_MATRIX` is an inductor
 post-grad pass that routes every bf16 matrix product through an op that calls `torch.mv` when
 the product has one row (the decode graph's batch size is symbolic, so it is decided at run
-time) and `torch.mm` otherwise. This script compiles the
-3.3-2b LLM (random weights, fewer layers) with and without the pass, times generate() at batch 1
-in turns, and checks that the logits agree.
+time) and `torch.mm` otherwise. This experiment compiles the 3.3-2b LLM (random weights, fewer
+layers) with and without the pass, times generate() at batch 1 in turns, and checks that the
+tokens agree. Not adopted (see docs/bench-notes.md): kept to re-measure on other machines.
 """
 
 import argparse
 import hashlib
 import inspect
-import statistics
 
 import torch
-from fms.models import get_model
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import fms_speech  # noqa: F401
-from fms_speech import roofline
+from fms_speech.bench import roofline
+from fms_speech.bench.experiments.random_weights import audio_prompts, variant_model
+from fms_speech.bench.measure import profile_call, summary
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
 
 aten = torch.ops.aten
+CPU = torch.device("cpu")
 
 
 # A plain library op (no torch.library.custom_op wrapper: that adds about 80 us a call, 30 ms
@@ -95,30 +96,20 @@ def decode_seconds(runner, prompt, features, lengths, new_tokens: int) -> tuple[
     return output.decode_seconds / output.decode_steps, output.sequences[0]
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm-layers", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--profile", action="store_true", help="top ops of one decode run")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    model = get_model(
-        "granite_speech",
-        "3.3-2b",
-        encoder_config={"num_layers": 1},
-        text_config={"nlayers": args.llm_layers},
-    )
-    model = model.to(torch.bfloat16).eval()
-    frames = int(args.seconds * 50)
-    features = torch.randn(1, frames, 160).to(torch.bfloat16)
-    lengths = torch.tensor([frames])
-    count = int(model.audio_token_counts(features, lengths)[0])
-    prompt = [5, *([model.config.audio_token_index] * count), 6, 7, 8]
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model = variant_model("3.3-2b", 1, args.llm_layers, dtype=torch.bfloat16)
+    (prompt,), features, lengths = audio_prompts(model, 1, args.seconds)
     text = model.config.text_config
     weights = roofline.decode_weight_count(model.language_model, text.tie_heads) * 2
-    bandwidth = roofline.memory_bandwidth(torch.device("cpu"))
+    bandwidth = roofline.memory_bandwidth(CPU)
     print(f"{args.llm_layers} LLM layers: {weights / 1e9:.2f} GB of bf16 weights per step; ")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s -> {weights / bandwidth * 1e3:.0f} ms")
     runners = {
@@ -138,18 +129,17 @@ def main():
             step, _ = decode_seconds(runner, prompt, features, lengths, args.new_tokens)
             times[name].append(step)
     if args.profile:
-        from torch.profiler import profile
-
         runner = runners["compiled + mv pass"]
-        with profile() as prof:
-            decode_seconds(runner, prompt, features, lengths, args.new_tokens)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        profile = profile_call(
+            lambda: decode_seconds(runner, prompt, features, lengths, args.new_tokens), CPU, 20
+        )
+        print(profile["table"])
     for name, values in times.items():
-        median = statistics.median(values)
+        stats = summary(values)
         print(
-            f"{name}: {median * 1e3:.0f} ms per decode step "
-            f"[{min(values) * 1e3:.0f}–{max(values) * 1e3:.0f}] = "
-            f"{median / (weights / bandwidth):.2f}x the weights-read time"
+            f"{name}: {stats['median'] * 1e3:.0f} ms per decode step "
+            f"[{stats['min'] * 1e3:.0f}–{stats['max'] * 1e3:.0f}] = "
+            f"{stats['median'] / (weights / bandwidth):.2f}x the weights-read time"
         )
 
 

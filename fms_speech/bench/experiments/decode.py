@@ -1,13 +1,14 @@
 """Prefill and per-token decode time, eager against compiled; compile time and graph counts.
 
-    python scripts/measure_decode.py [--models tiny 2b] [--dtypes fp32 bf16] [--new-tokens 32]
-        [--threads 1]
+    python -m fms_speech.bench.experiments.decode [--models tiny 2b] [--dtypes fp32 bf16]
+        [--new-tokens 32] [--threads 1]
 
-Random weights: "tiny" is the test checkpoints' size (vocab 256, 32-wide LLM), "2b" the 3.3-2b
-widths with 2 encoder and 2 LLM layers. Clips of 10 s (500 frames); the eos never comes, so
-every call decodes new_tokens - 1 steps. The compiled model meets batch 1 first, then batch 4,
-then beams (batch 2 x 4 beams); the compile columns are the first call's time over the second's.
-Graphs are counted per phase: prefill (with audio) and decode (without).
+Random weights: "tiny" is the test checkpoints' size (`fms_speech.testing.reference`: vocab 256,
+32-wide LLM), "2b" the 3.3-2b widths with 2 encoder and 2 LLM layers. Clips of 10 s (500
+frames), ragged batches; the eos never comes, so every call decodes new_tokens - 1 steps. The
+compiled model meets batch 1 first, then batch 4, then beams (batch 2 x 4 beams); the compile
+columns are the first call's time over the steady one. Graphs are counted per phase: prefill
+(with audio) and decode (without).
 """
 
 import argparse
@@ -15,61 +16,31 @@ import statistics
 from collections import Counter
 
 import torch
-from fms.models import get_model
 
-import fms_speech  # noqa: F401
+from fms_speech.bench.experiments.random_weights import audio_prompts, tiny_model, variant_model
 from fms_speech.compile import compile_model
 from fms_speech.generation import GenerationOutput, generate
 
 SECONDS = 10
 NEVER = -1  # an eos id no model writes
 REPEATS = 5
-
-TINY = {
-    "encoder_config": dict(
-        num_layers=3, hidden_dim=32, feedforward_mult=2, num_heads=2, dim_head=24,
-        output_dim=12, context_size=8, max_pos_emb=16, conv_kernel_size=4,
-    ),
-    "projector_config": dict(
-        hidden_size=24, num_heads=2, intermediate_size=48, cross_attention_frequency=2,
-        encoder_hidden_size=32, output_size=32,
-    ),
-    "text_config": dict(
-        src_vocab_size=256, emb_dim=32, nheads=4, kvheads=2, head_dim=8, nlayers=2,
-        hidden_grow_factor=2.0, max_expected_seq_len=4096, logits_scaling=8.0,
-    ),
-    "audio_token_index": 250,
-    "lora_rank": 4,
-}  # fmt: skip
-TWO_B = {"encoder_config": {"num_layers": 2}, "text_config": {"nlayers": 2}}
-MODELS = {"tiny": TINY, "2b": TWO_B}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODELS = {
+    "tiny": tiny_model,
+    "2b": lambda dtype: variant_model("3.3-2b", encoder_layers=2, llm_layers=2, dtype=dtype),
+}
 # (label, batch, beams); the compiled model sees them in this order
 CALLS = [("batch 1", 1, 1), ("batch 4", 4, 1), ("batch 2 x 4 beams", 2, 4)]
 
 
-def build(name: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    return get_model("granite_speech", "3.3-2b", data_type=dtype, **MODELS[name]).eval()
-
-
-def inputs(model, batch: int, dtype: torch.dtype):
-    frames = SECONDS * 50
-    features = torch.randn(batch, frames, 160, generator=torch.Generator().manual_seed(batch))
-    lengths = torch.tensor([frames - 37 * row for row in range(batch)])  # ragged batch
-    counts = model.audio_token_counts(features, lengths).tolist()
-    token = model.config.audio_token_index
-    prompts = [[5] * (1 + row) + [token] * n + [6, 7] for row, n in enumerate(counts)]
-    return prompts, features.to(dtype), lengths
-
-
-def run_generate(model, args, num_beams: int, new_tokens: int):
+def run_generate(model, inputs, num_beams: int, new_tokens: int) -> GenerationOutput:
     return generate(
-        model, *args, max_new_tokens=new_tokens, eos_token_id=NEVER, num_beams=num_beams
+        model, *inputs, max_new_tokens=new_tokens, eos_token_id=NEVER, num_beams=num_beams
     )
 
 
 def counting_backend(graphs: Counter):
+    """inductor, counting the graphs it compiles: prefill (audio in the inputs) or decode."""
     inductor = torch._dynamo.lookup_backend("inductor")
 
     def backend(graph_module, example_inputs):
@@ -82,7 +53,7 @@ def counting_backend(graphs: Counter):
     return backend
 
 
-def median_output(outputs) -> GenerationOutput:
+def median_output(outputs: list[GenerationOutput]) -> GenerationOutput:
     """Median prefill and decode times of repeated calls."""
     return GenerationOutput(
         outputs[0].sequences,
@@ -92,13 +63,12 @@ def median_output(outputs) -> GenerationOutput:
     )
 
 
-def per_token_ms(output) -> float:
+def per_token_ms(output: GenerationOutput) -> float:
     return 1000 * output.decode_seconds / max(output.decode_steps, 1)
 
 
-def measure(name: str, dtype_name: str, new_tokens: int):
-    dtype = DTYPES[dtype_name]
-    model = build(name, dtype)
+def measure(name: str, dtype_name: str, new_tokens: int) -> None:
+    model = MODELS[name](DTYPES[dtype_name])
     torch._dynamo.reset()
     graphs = Counter()
     compiled = compile_model(model, backend=counting_backend(graphs))
@@ -108,14 +78,14 @@ def measure(name: str, dtype_name: str, new_tokens: int):
         f"{'compiled ms/tok':>15} {'compile prefill':>15} {'compile decode':>14}  graphs so far"
     )
     for label, batch, beams in CALLS:
-        args = inputs(model, batch, dtype)
-        run_generate(model, args, beams, new_tokens)  # warm-up
-        first = run_generate(compiled, args, beams, new_tokens)
+        inputs = audio_prompts(model, batch, SECONDS, ragged=True, seed=batch)
+        run_generate(model, inputs, beams, new_tokens)  # warm-up
+        first = run_generate(compiled, inputs, beams, new_tokens)
         # alternated and repeated: the machine is shared and noisy, medians are reported
         eager_runs, compiled_runs = [], []
         for _ in range(REPEATS):
-            eager_runs.append(run_generate(model, args, beams, new_tokens))
-            compiled_runs.append(run_generate(compiled, args, beams, new_tokens))
+            eager_runs.append(run_generate(model, inputs, beams, new_tokens))
+            compiled_runs.append(run_generate(compiled, inputs, beams, new_tokens))
         eager, steady = median_output(eager_runs), median_output(compiled_runs)
         # the first call's extra time over the steady one: compilation (0 once graphs exist)
         compile_prefill = first.prefill_seconds - steady.prefill_seconds
@@ -129,14 +99,14 @@ def measure(name: str, dtype_name: str, new_tokens: int):
         )
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--new-tokens", type=int, default=32)
     # one thread by default: on a shared machine, busy cores make multi-threaded runs erratic
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     for name in args.models:

@@ -1,0 +1,202 @@
+"""A whole bench run: one process, one checkpoint, the same inputs for every system.
+
+- four systems (reference eager / compiled, fms eager / compiled), in each dtype asked for;
+- per clip shape (length x batch): features, prefill, per-token decode and end to end (features
+  + greedy generate of a fixed number of tokens), then encoder and projector alone;
+- a mixed-length workload run twice per system from a fresh dynamo state: the first pass pays
+  every compilation it triggers, the second is the steady state; a second process with the same
+  inductor cache runs it again for fms compiled (the warm-cache compile);
+- compilations, recompilations and graph breaks per section; peak memory; machine rates.
+The inductor cache starts empty (a temporary directory), so the compile times are cold ones.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+from fms.models import list_variants
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+from fms_speech.bench import report
+from fms_speech.bench.checkpoints import load_fms, load_models
+from fms_speech.bench.inputs import Prompter, make_workload
+from fms_speech.bench.measure import counts_since, fresh_dynamo
+from fms_speech.bench.parts import explain_graphs, machine_part, run_mixed, run_system
+from fms_speech.bench.results import environment
+from fms_speech.bench.settings import (
+    DEFAULT_SYSTEMS,
+    SYSTEM_SLUGS,
+    SYSTEMS,
+    Settings,
+    settings_from_args,
+)
+from fms_speech.bench.systems import FmsSystem, make_system
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.child:
+        return child_main(args.child)
+    problem = _bad_arguments(args)
+    if problem:
+        print(f"fms-speech bench: error: {problem}", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = [DTYPES[d] for d in (args.dtypes or (["float32"] if args.quick else list(DTYPES)))]
+    dtypes.sort(key=lambda d: d != torch.float32)  # fp32 first: its weights are the originals
+    if args.systems:
+        systems = [SYSTEM_SLUGS[s] for s in args.systems]
+    elif args.variant or args.model or args.quick:
+        systems = list(SYSTEMS)
+    else:
+        systems = list(DEFAULT_SYSTEMS)
+        print(
+            "bench: the embedded default leaves out 'reference compiled' (its recompilations take "
+            "minutes here); add it with --systems ref-eager ref-compiled fms-eager fms-compiled",
+            file=sys.stderr,
+        )
+    backend = "eager" if args.quick and args.backend == "inductor" else args.backend
+    options = {"reference": {"backend": backend}, "fms": {"backend": backend}}
+    if args.cuda_graphs and device.type == "cuda":
+        options["fms"]["mode"] = "reduce-overhead"
+    if args.profile:
+        inductor_config.cpp.enable_kernel_profile = True  # name the fused kernels in profiles
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fms-speech-bench-") as work_dir:
+        work = Path(work_dir)
+        with temporary_cache_dir(str(work / "inductor")):
+            results = _measure(args, settings, device, dtypes, systems, work, options)
+    results["meta"].update(
+        wall_seconds=time.perf_counter() - started,
+        load_average_start=load_before,
+        load_average_end=os.getloadavg(),
+        backend=backend,
+        systems=systems,
+        command=command_line(),
+    )
+    report.write_all(results, args.output_dir)
+    return 0
+
+
+def _bad_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one sentence; None if nothing."""
+    variants = list_variants("granite_speech")
+    if args.variant and args.variant not in variants:
+        return f"unknown --variant {args.variant!r} (one of {', '.join(variants)})"
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        return f"--model {args.model} is not a checkpoint directory (no config.json)"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but no GPU is usable"
+    return None
+
+
+def command_line() -> str:
+    """The run as one `fms-speech bench` command, however it was started."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        argv = argv[1:]
+    return shlex.join(["fms-speech", "bench", *argv])
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    started = time.perf_counter()
+    yield
+    print(f"bench: {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def _measure(args, settings: Settings, device, dtypes, systems, work: Path, options) -> dict:
+    with _phase("models"):
+        models = load_models(args, work, dtypes[0], device)
+    prompter = Prompter.for_model(models.fms, models.tokenizer_dir)
+    with _phase("speech"):
+        workload = make_workload(settings, prompter)
+    results = {
+        "meta": environment(device, models.described, models.fms.config, settings),
+        "runs": {},
+    }
+    if "machine" in settings.parts:
+        with _phase("machine rates"):
+            results["machine"] = machine_part(settings, models.fms, device, dtypes, args.quick)
+    if "explain" in settings.parts:
+        with _phase("explain"):
+            batch = workload.shapes[workload.agreement_shape]
+            results["explain"] = explain_graphs(models.reference, models.fms, batch, device)
+    for dtype in dtypes:
+        models.reference.to(dtype)
+        models.fms.to(dtype)
+        runs = results["runs"].setdefault(dtype_name(dtype), {})
+        for name in systems:
+            system = make_system(name, models.reference, models.fms, device, options)
+            with _phase(f"{name}, {dtype_name(dtype)}"):
+                runs[name] = run_system(system, dtype, workload, settings, device, args.profile)
+    if "warm-cache" in settings.parts and "mixed" in settings.parts:
+        spec = {
+            "checkpoint": str(models.checkpoint),
+            "device": str(device),
+            "dtypes": [dtype_name(d) for d in dtypes],
+            "settings": {**settings.to_dict(), "parts": ["mixed"]},
+            "tokenizer": models.tokenizer_dir,
+            "compile_options": options["fms"],
+            "threads": torch.get_num_threads(),
+        }
+        del models  # the child loads its own copy
+        with _phase("warm-cache process"):
+            results["warm_cache"] = run_warm_cache(spec, work)
+    return results
+
+
+# ---- the warm-cache process
+
+
+def run_warm_cache(spec: dict, work: Path) -> dict:
+    """The mixed workload for fms compiled in a new process that shares the inductor cache."""
+    spec_path, result_path = work / "child-spec.json", work / "child-result.json"
+    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    command = [sys.executable, "-m", "fms_speech.bench", "--child", str(spec_path)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        return {"error": (completed.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(result_path.read_text())
+
+
+def child_main(spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    settings = Settings.from_dict(spec["settings"])
+    dtypes = [DTYPES[d] for d in spec["dtypes"]]
+    model = load_fms(Path(spec["checkpoint"]), dtypes[0], device)
+    workload = make_workload(settings, Prompter.for_model(model, spec.get("tokenizer")))
+    results = {}
+    for dtype in dtypes:
+        model.to(dtype)
+        start_counts = fresh_dynamo()
+        system = FmsSystem(model, True, device, spec["compile_options"])
+        with system:
+            mixed = run_mixed(system, workload.mixed, settings, workload.eos, device)
+        mixed["compiles"] = counts_since(start_counts)
+        results[dtype_name(dtype)] = mixed
+    results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(spec["result"]).write_text(json.dumps(results))
+    return 0

@@ -1,0 +1,7 @@
+"""Reference checkpoints and inputs for the tests, the bench and its experiments.
+
+`fms_speech.testing.reference` builds Granite Speech checkpoints with the reference
+implementation (transformers + a peft LoRA), saved in the hub layout, and the small tokenizer
+that goes with them. `peft` and `tokenizers` are test/bench dependencies: they are imported by
+the functions that need them, so importing this package works without them.
+"""

@@ -1,0 +1,327 @@
+"""Granite Speech checkpoints made by the reference implementation (transformers + peft).
+
+- `reference_config`: a tiny transformers config with every part of the architecture; keyword
+  dicts override each part, so one builder serves the tests' named configurations (`CONFIGS`),
+  the bench's embedded model and a published variant's shapes (`hf_config_from_fms`);
+- `make_reference`: the reference model with random weights and a random PEFT LoRA on
+  q_proj/v_proj; `save_reference` writes it in the hub layout (base weights by
+  `save_pretrained`, the adapter beside them); `load_reference` reads such a directory back;
+- `save_tokenizer`: a word-level tokenizer with a Granite-style chat template, matched to the
+  ids of `reference_config`;
+- `prompt_ids`, `relative_error`, `index_shards`: the tests' inputs and measures.
+
+`peft` and `tokenizers` (test/bench dependencies) are imported by the functions that use them.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+from fms_speech.models import GraniteSpeechConfig as FmsGraniteSpeechConfig
+
+AUDIO_TOKEN = 250
+
+# the tiny defaults: odd encoder depth, even conv kernel, dim_head != hidden / heads,
+# cross-attention every 2nd Q-Former layer, grouped-query attention in the LLM
+TINY_ENCODER = {
+    "input_dim": 160,
+    "num_layers": 3,
+    "hidden_dim": 32,
+    "feedforward_mult": 2,
+    "num_heads": 2,
+    "dim_head": 24,
+    "output_dim": 12,
+    "context_size": 8,
+    "max_pos_emb": 16,
+    "conv_kernel_size": 4,
+    "conv_expansion_factor": 2,
+    "dropout": 0.0,
+}
+TINY_PROJECTOR = {
+    "model_type": "blip_2_qformer",
+    "hidden_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "cross_attention_frequency": 2,
+    "encoder_hidden_size": 32,
+    "layer_norm_eps": 1e-12,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+TINY_TEXT = {
+    "model_type": "granite",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "embedding_multiplier": 12.0,
+    "residual_multiplier": 0.22,
+    "attention_multiplier": 0.125,
+    "logits_scaling": 8.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+}
+
+# The tests' configurations; each differs from the published defaults in several of the ways
+# the reference allows. Keys: reference_config's arguments.
+CONFIGS = {
+    # the tiny defaults
+    "odd_layers_even_kernel": {},
+    # window/downsample 10/2, context 5, single Q-Former layer, multi-head (not grouped) LLM
+    "window10_context5": dict(
+        encoder=dict(num_layers=2, context_size=5, conv_kernel_size=3, dim_head=16),
+        projector=dict(num_hidden_layers=1, cross_attention_frequency=1),
+        text=dict(num_key_value_heads=4),
+        window_size=10,
+        downsample_rate=2,
+    ),
+    # four heads of 8, kernel 5, three Q-Former layers with cross-attention in each
+    "deep_projector": dict(
+        encoder=dict(num_layers=4, num_heads=4, dim_head=8, conv_kernel_size=5, context_size=16),
+        projector=dict(num_hidden_layers=3, cross_attention_frequency=1, num_attention_heads=4),
+    ),
+    # one encoder layer (no mid-layer CTC), window 12/4, untied LM head, three LLM layers
+    "untied_window12": dict(
+        encoder=dict(num_layers=1, context_size=12, conv_kernel_size=6),
+        text=dict(num_hidden_layers=3, tie_word_embeddings=False, num_key_value_heads=1),
+        window_size=12,
+        downsample_rate=4,
+    ),
+}
+# tied tiny models echo the last prompt token; the untied one writes text that follows the audio
+TRANSCRIBE_CONFIG = "untied_window12"
+
+
+def reference_config(
+    encoder: dict | None = None,
+    projector: dict | None = None,
+    text: dict | None = None,
+    window_size: int = 15,
+    downsample_rate: int = 5,
+    audio_token_index: int = AUDIO_TOKEN,
+    has_lora_adapter: bool = True,
+) -> GraniteSpeechConfig:
+    """A tiny Granite Speech config; keyword dicts override the defaults of each part."""
+    text_config = {**TINY_TEXT, **(text or {})}
+    return GraniteSpeechConfig(
+        encoder_config={**TINY_ENCODER, **(encoder or {})},
+        projector_config={**TINY_PROJECTOR, **(projector or {})},
+        text_config=text_config,
+        audio_token_index=audio_token_index,
+        window_size=window_size,
+        downsample_rate=downsample_rate,
+        has_lora_adapter=has_lora_adapter,
+        tie_word_embeddings=text_config["tie_word_embeddings"],
+    )
+
+
+def hf_config_from_fms(config: FmsGraniteSpeechConfig, text: dict | None = None):
+    """transformers' config for an fms-speech config (the inverse of `build_granite_speech_params`).
+
+    Keys the fms-speech config does not hold (model types, dropout, special token ids) come from
+    the tiny defaults, then from `text`.
+    """
+    enc, proj, llm = config.encoder_config, config.projector_config, config.text_config
+    encoder = {key: getattr(enc, key) for key in TINY_ENCODER if key != "dropout"}
+    projector = {
+        "hidden_size": proj.hidden_size,
+        "num_hidden_layers": proj.num_layers,
+        "num_attention_heads": proj.num_heads,
+        "intermediate_size": proj.intermediate_size,
+        "cross_attention_frequency": proj.cross_attention_frequency,
+        "encoder_hidden_size": proj.encoder_hidden_size,
+        "layer_norm_eps": proj.layer_norm_eps,
+    }
+    text_config = {
+        "vocab_size": llm.src_vocab_size,
+        "hidden_size": llm.emb_dim,
+        "intermediate_size": int(llm.emb_dim * llm.hidden_grow_factor),
+        "num_hidden_layers": llm.nlayers,
+        "num_attention_heads": llm.nheads,
+        "num_key_value_heads": llm.kvheads,
+        "max_position_embeddings": llm.max_expected_seq_len,
+        "rms_norm_eps": llm.norm_eps,
+        "rope_theta": llm.rope_theta,
+        "embedding_multiplier": llm.embedding_multiplier,
+        "residual_multiplier": llm.residual_multiplier,
+        "attention_multiplier": llm.attention_multiplier,
+        "logits_scaling": llm.logits_scaling,
+        "tie_word_embeddings": llm.tie_heads,
+        **(text or {}),
+    }
+    return reference_config(
+        encoder=encoder,
+        projector=projector,
+        text=text_config,
+        window_size=proj.window_size,
+        downsample_rate=proj.downsample_rate,
+        audio_token_index=config.audio_token_index,
+        has_lora_adapter=config.lora_rank > 0,
+    )
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every weight and BatchNorm statistic a non-trivial random value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif name.endswith(("norm.weight", "LayerNorm.weight", "layernorm.weight")):
+                tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.copy_(scale * torch.randn(tensor.shape, generator=generator))
+
+
+def make_reference(
+    config: GraniteSpeechConfig,
+    seed: int = 0,
+    lora_rank: int = 4,
+    lora_alpha: int = 8,
+    weight_scale: float | None = 0.3,
+    dtype: torch.dtype = torch.float32,
+):
+    """The reference model (a peft model) with random weights and a random LoRA on q_proj/v_proj.
+
+    `weight_scale`: every weight and LoRA matrix drawn at this scale (`randomize`), so that a
+    wrong mapping of any tensor shows in the outputs; None keeps transformers' initialisation
+    (magnitudes that stay finite at the published widths) and draws only LoRA B, which peft
+    starts at zero, at 0.02.
+    """
+    import peft
+
+    torch.manual_seed(seed)
+    model = GraniteSpeechForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    if weight_scale is not None:
+        randomize(model, seed, weight_scale)
+    lora = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
+    peft_model = peft.get_peft_model(model, lora)
+    drawn, scale = ("lora_B", 0.02) if weight_scale is None else ("lora_", weight_scale)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if drawn in name:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.copy_(scale * noise)
+    return peft_model
+
+
+def save_reference(peft_model, directory: Path, max_shard_size: str = "50KB") -> Path:
+    """Hub layout: base weights by save_pretrained + the PEFT adapter beside them.
+
+    The default shard size is tiny, so that loading goes through the shard index.
+    """
+    directory = Path(directory)
+    base = peft_model.get_base_model()
+    # the base weights without the LoRA layers, under their plain names
+    state = {
+        k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
+    }
+    with torch.device("meta"):  # the plain architecture (no memory): the index counts its size
+        plain = GraniteSpeechForConditionalGeneration._from_config(base.config, dtype=base.dtype)
+    plain.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        peft_model.save_pretrained(adapter_dir)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(Path(adapter_dir) / name, directory / name)
+    return directory
+
+
+def save_named(name: str, directory: Path):
+    """One of the tests' `CONFIGS`, made and saved; returns the peft reference."""
+    overrides = dict(CONFIGS[name])
+    reference = make_reference(reference_config(**overrides), seed=len(name))
+    save_reference(reference, directory)
+    return reference
+
+
+def load_reference(directory: Path, dtype: torch.dtype = torch.float32):
+    """The reference from a hub-style directory, with its PEFT adapter (injected) if it has one."""
+    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(directory), dtype=dtype)
+    if (Path(directory) / "adapter_config.json").is_file():
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(directory)).get_base_model()
+    return model.eval()
+
+
+def index_shards(directory: Path) -> list[str]:
+    index = json.loads((Path(directory) / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))
+
+
+def prompt_ids(num_audio: int, prefix=(5, 6, 7), suffix=(8, 9, 10, 11)) -> list[int]:
+    return [*prefix, *([AUDIO_TOKEN] * num_audio), *suffix]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (the tolerance measure of the tests)."""
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+# ---- a small tokenizer with a Granite-style chat template, matched to reference_config's ids
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
+    " + '<|end_of_text|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+SPECIAL_TOKENS = {
+    "<|begin_of_text|>": 0,
+    "<|end_of_text|>": 1,  # eos, as in reference_config
+    "<|pad|>": 2,
+    "<|start_of_role|>": 3,
+    "<|end_of_role|>": 4,
+    "<|unk|>": 5,
+    "<|audio|>": AUDIO_TOKEN,
+}
+PROMPT_TEXT = (
+    "user assistant can you transcribe the speech into a written format ? translate to French "
+    "German Spanish English hello world one two three four five six seven eight nine ten quick "
+    "brown fox jumps over lazy dog and of in is it that for on with as at by this from or an be "
+    "are was were not but all we when your there which their will each about how up out them "
+    "then she many some so these would other its who now people my made over did down only way "
+    "find use may water long little very after words called just where most know . , !"
+)
+
+
+def save_tokenizer(directory: Path, vocab_size: int = 256) -> Path:
+    """A word-level tokenizer whose every id decodes to a token, saved in the hub's layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL_TOKENS)
+    words = iter(dict.fromkeys(PROMPT_TEXT.split()))  # unique, in order
+    for token_id in range(vocab_size):
+        if token_id not in vocab.values():
+            vocab[next(words, f"w{token_id}")] = token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|start_of_role|>", "<|end_of_role|>", "<|audio|>"],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
