@@ -22,6 +22,7 @@ import torch
 from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
 
 from fms_speech.models import GraniteSpeechConfig as FmsGraniteSpeechConfig
+from fms_speech.models.granite_speech import hf_config
 
 AUDIO_TOKEN = 250
 
@@ -128,48 +129,16 @@ def reference_config(
 
 
 def hf_config_from_fms(config: FmsGraniteSpeechConfig, text: dict | None = None):
-    """transformers' config for an fms-speech config (the inverse of `build_granite_speech_params`).
+    """transformers' config for an fms-speech config (the model's own `hf_config`).
 
-    Keys the fms-speech config does not hold (model types, dropout, special token ids) come from
-    the tiny defaults, then from `text`.
+    The tiny defaults' special token ids, then `text`, are set on its LLM config (the fms-speech
+    config does not hold them).
     """
-    enc, proj, llm = config.encoder_config, config.projector_config, config.text_config
-    encoder = {key: getattr(enc, key) for key in TINY_ENCODER if key != "dropout"}
-    projector = {
-        "hidden_size": proj.hidden_size,
-        "num_hidden_layers": proj.num_layers,
-        "num_attention_heads": proj.num_heads,
-        "intermediate_size": proj.intermediate_size,
-        "cross_attention_frequency": proj.cross_attention_frequency,
-        "encoder_hidden_size": proj.encoder_hidden_size,
-        "layer_norm_eps": proj.layer_norm_eps,
-    }
-    text_config = {
-        "vocab_size": llm.src_vocab_size,
-        "hidden_size": llm.emb_dim,
-        "intermediate_size": int(llm.emb_dim * llm.hidden_grow_factor),
-        "num_hidden_layers": llm.nlayers,
-        "num_attention_heads": llm.nheads,
-        "num_key_value_heads": llm.kvheads,
-        "max_position_embeddings": llm.max_expected_seq_len,
-        "rms_norm_eps": llm.norm_eps,
-        "rope_theta": llm.rope_theta,
-        "embedding_multiplier": llm.embedding_multiplier,
-        "residual_multiplier": llm.residual_multiplier,
-        "attention_multiplier": llm.attention_multiplier,
-        "logits_scaling": llm.logits_scaling,
-        "tie_word_embeddings": llm.tie_heads,
-        **(text or {}),
-    }
-    return reference_config(
-        encoder=encoder,
-        projector=projector,
-        text=text_config,
-        window_size=proj.window_size,
-        downsample_rate=proj.downsample_rate,
-        audio_token_index=config.audio_token_index,
-        has_lora_adapter=config.lora_rank > 0,
-    )
+    hf = hf_config(config)
+    special_ids = {k: v for k, v in TINY_TEXT.items() if k.endswith("_token_id")}
+    for key, value in {**special_ids, **(text or {})}.items():
+        setattr(hf.text_config, key, value)
+    return hf
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
