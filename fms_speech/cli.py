@@ -145,7 +145,11 @@ def transcribe(args) -> int:
         "task": args.task,
     }
     succeeded = 0
-    results = transcriber.stream(args.files, options)
+    try:
+        results = transcriber.stream(args.files, options)
+    except ValueError as error:  # an option this model cannot honour (a CTC model: --prompt)
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
     progress = _progress_bar(args, len(args.files))
     for result in results:
         single = len(args.files) == 1

@@ -10,6 +10,9 @@ for result in transcriber.transcribe(["a.wav", "b.flac"], batch_size=8):
 Inputs stream through: each file is loaded, cut into windows (long audio), and its windows join a
 queue that runs through the model `batch_size` windows at a time; a file's result is assembled as
 soon as its last window is done, so memory stays flat however long or many the inputs are.
+
+A CTC checkpoint (granite_speech5) runs through `fms_speech.ctc.CTCRunner` instead of prompt and
+generation: its windows are joined at word boundaries, its segments carry word timestamps.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fms.models import get_model
+from transformers import AutoTokenizer
 
 from fms_speech.audio import (
     SAMPLE_RATE,
@@ -32,9 +36,24 @@ from fms_speech.audio import (
     prepare_waveform,
     split_audio,
 )
-from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
+from fms_speech.checkpoint import (
+    CTC_MODEL_TYPES,
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_model_type,
+    index_aware_loading,
+)
 from fms_speech.compile import compile_model
+from fms_speech.ctc import (
+    CTCRunner,
+    TimedWindow,
+    WindowWords,
+    Word,
+    join_windows,
+    segments_from_words,
+)
 from fms_speech.generation import generate
+from fms_speech.models.granite_speech5 import GraniteSpeech5
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
 
@@ -81,6 +100,7 @@ class Segment:
     start: float  # seconds
     end: float
     text: str
+    words: list[Word] = field(default_factory=list)  # with timestamps (CTC models)
 
 
 @dataclass
@@ -93,6 +113,11 @@ class Transcription:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None  # why this input failed; None when it succeeded
 
+    @property
+    def words(self) -> list[Word]:
+        """Every word with its start and end (CTC models; empty for the LLM types)."""
+        return [word for segment in self.segments for word in segment.words]
+
 
 @dataclass
 class _Window:
@@ -101,6 +126,7 @@ class _Window:
     end: int
     waveform: torch.Tensor
     text: str = ""
+    decoded: WindowWords | None = None  # CTC models
 
 
 @dataclass
@@ -129,6 +155,9 @@ class Transcriber:
         self.dtype = dtype
         self.compile = compile
         self.runner = compile_model(model) if compile else model
+        # the model's path: a CTC model has no prompt and no generation
+        self.ctc = CTCRunner(model, tokenizer) if isinstance(model, GraniteSpeech5) else None
+        self.stages = self.ctc.stages if self.ctc is not None else STAGES
 
     @classmethod
     def from_pretrained(
@@ -147,7 +176,10 @@ class Transcriber:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but this machine has no usable GPU")
-        tokenizer = load_tokenizer(directory)
+        if checkpoint_model_type(directory) in CTC_MODEL_TYPES:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        else:
+            tokenizer = load_tokenizer(directory)
         try:
             with index_aware_loading():
                 model = get_model(
@@ -202,7 +234,11 @@ class Transcriber:
         with keyword `overrides` of its fields, e.g. `stream(files, batch_size=4)`.
         """
         options = resolve_options(options, **overrides)
-        template = chat_text(self.tokenizer, options.instruction())
+        if self.ctc is not None:
+            self.ctc.check_options(options)
+            template = ""
+        else:
+            template = chat_text(self.tokenizer, options.instruction())
         single = isinstance(inputs, (str, Path, np.ndarray, torch.Tensor))
         return self._stream([inputs] if single else inputs, options, template, sample_rate)
 
@@ -224,7 +260,7 @@ class Transcriber:
         queue: list[_Window] = []
         for index, item in enumerate(items):
             result = Transcription(_source_name(item, index), index)
-            result.timings = dict.fromkeys(STAGES, 0.0)
+            result.timings = dict.fromkeys(self.stages, 0.0)
             started = time.perf_counter()
             try:
                 waveform = self._load(item, sample_rate)
@@ -277,12 +313,18 @@ class Transcriber:
             window.waveform = None  # the batch is done with it
             if entry.remaining == 0:
                 del pending[window.owner]
-                yield _assemble(entry)
+                yield _assemble(entry) if self.ctc is None else _assemble_ctc(entry, self.ctc)
 
     @torch.inference_mode()
     def _generate(
         self, batch: list[_Window], options: TranscribeOptions, template: str
     ) -> dict[str, float]:
+        if self.ctc is not None:
+            waveforms = [window.waveform for window in batch]
+            decoded, timings = self.ctc.run(self.runner, waveforms, self.device, self.dtype)
+            for window, window_words in zip(batch, decoded, strict=True):
+                window.decoded = window_words
+            return timings
         started = time.perf_counter()
         features, feature_lengths = log_mel([window.waveform.to(self.device) for window in batch])
         counts = self.model.audio_token_counts(features, feature_lengths).tolist()
@@ -326,4 +368,21 @@ def _assemble(entry: _Pending) -> Transcription:
     ]
     result.text = " ".join(segment.text for segment in result.segments)
     result.timings["total"] = math.fsum(result.timings[stage] for stage in STAGES)
+    return result
+
+
+def _assemble_ctc(entry: _Pending, ctc: CTCRunner) -> Transcription:
+    """Join a finished input's windows at word boundaries: text, segments split at pauses."""
+    result = entry.result
+    timed = [
+        TimedWindow(window.start / SAMPLE_RATE, window.end / SAMPLE_RATE, window.decoded)
+        for window in entry.windows
+        if window.decoded is not None  # None: its batch failed (result.error says why)
+    ]
+    result.text, words = join_windows(timed, ctc.splitter, result.duration)
+    result.segments = [
+        Segment(group[0].start, group[-1].end, " ".join(word.text for word in group), group)
+        for group in segments_from_words(words)
+    ]
+    result.timings["total"] = math.fsum(result.timings[stage] for stage in ctc.stages)
     return result

@@ -1,0 +1,109 @@
+"""granite_speech_plus against the reference on random weights it saved itself (sharded).
+
+Tolerance: max |ours - reference| / max |reference| <= 1e-4 in fp32, eager and compiled, on the
+encoder output (the concatenation), the projector's audio vectors, and the logits with the audio
+LoRA on (audio prompts) and off (text-only prompts; a config without an adapter has none).
+Logits are compared with the reference's divided by logits_scaling (see test_model_equivalence).
+The configurations concatenate index 0, the mid-layer CTC block (whose exported copy carries the
+CTC update, as the reference's in-place update makes it) and several layers.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from fms_speech.compile import compile_model
+from fms_speech.models.granite_speech_plus import GraniteSpeechPlus
+from fms_speech.testing.reference import PLUS_CONFIGS, prompt_ids, relative_error
+
+TOLERANCE = 1e-4
+
+
+def _lengths(model) -> list[int]:
+    """A clip shorter than one attention block, an exact multiple, and a ragged one."""
+    block = model.config.encoder_config.context_size
+    return [max(1, block - 3), 2 * block, 3 * block + 5]
+
+
+def _adapter_off(reference):
+    disable = getattr(reference, "disable_adapter", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
+def _reference_logits(reference, ids, features=None):
+    scaling = reference.config.text_config.logits_scaling
+    with torch.no_grad():
+        if features is None:
+            with _adapter_off(reference):
+                return reference(input_ids=ids).logits / scaling
+        return reference(input_ids=ids, input_features=features).logits / scaling
+
+
+def _inner(reference):
+    base = reference.get_base_model() if hasattr(reference, "get_base_model") else reference
+    return base.model
+
+
+@pytest.mark.parametrize("name", list(PLUS_CONFIGS))
+def test_encoder_projector_logits_match_reference_eager(checkpoints, name):
+    reference, model, _ = checkpoints[name]
+    assert isinstance(model, GraniteSpeechPlus)
+    encoder_config = model.config.encoder_config
+    assert model.config.lora_rank == (4 if reference.config.has_lora_adapter else 0)
+    for frames in _lengths(model):
+        features = torch.randn(1, frames, 160, generator=torch.Generator().manual_seed(frames))
+        with torch.no_grad():
+            expected_encoder = _inner(reference).encoder(features).last_hidden_state
+            expected_audio = _inner(reference).projector(expected_encoder)
+            encoder = model.encoder(features)
+            width = encoder_config.hidden_dim * (len(encoder_config.cat_hidden_layers) + 1)
+            assert encoder.shape[-1] == width == expected_encoder.shape[-1]
+            assert relative_error(encoder, expected_encoder) <= TOLERANCE
+            assert relative_error(model.get_audio_features(features), expected_audio) <= TOLERANCE
+            count = int(model.audio_token_counts(features).item())
+            ids = torch.tensor([prompt_ids(count)])
+            logits = model(ids, input_features=features)
+        assert relative_error(logits, _reference_logits(reference, ids, features)) <= TOLERANCE
+    for length in (1, 2, 9):  # text only: LoRA off
+        ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            logits = model(ids)
+        assert relative_error(logits, _reference_logits(reference, ids)) <= TOLERANCE
+
+
+def test_the_mid_layer_copy_carries_the_ctc_update(checkpoints):
+    """The concatenated state of block num_layers // 2 is taken after the mid-layer CTC update:
+    the reference's in-place `+=` does that, and leaving it out changes the output."""
+    _, model, _ = checkpoints["plus_input_and_mid"]
+    encoder = model.encoder
+    mid = encoder.config.num_layers // 2
+    assert mid in encoder.config.cat_hidden_layers
+    features = torch.randn(1, 20, 160, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = encoder.input_linear(features)
+        valid = torch.ones(1, 20, dtype=torch.bool)
+        for layer in encoder.layers[:mid]:
+            x = layer(x, valid)
+        before_update = x
+        exported = encoder(features).split(encoder.config.hidden_dim, dim=-1)
+    position = sorted(encoder.config.cat_hidden_layers).index(mid)
+    assert (exported[position] - before_update).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PLUS_CONFIGS))
+def test_logits_match_reference_compiled(checkpoints, name):
+    reference, model, _ = checkpoints[name]
+    torch._dynamo.reset()
+    compiled = compile_model(model)
+    frames = _lengths(model)[2]
+    features = torch.randn(2, frames, 160, generator=torch.Generator().manual_seed(1))
+    count = int(model.audio_token_counts(features[:1]).item())
+    ids = torch.tensor([prompt_ids(count)] * 2)
+    text_ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        audio_logits = compiled(ids, input_features=features)
+        text_logits = compiled(text_ids)
+    assert relative_error(audio_logits, _reference_logits(reference, ids, features)) <= TOLERANCE
+    assert relative_error(text_logits, _reference_logits(reference, text_ids)) <= TOLERANCE
