@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from fms_speech.compile import compile_model
 from fms_speech.models.granite_speech_plus import GraniteSpeechPlus
@@ -91,8 +92,33 @@ def test_the_mid_layer_copy_carries_the_ctc_update(checkpoints):
     assert (exported[position] - before_update).abs().max() > 1e-3
 
 
+# compiled: one configuration over many shapes (and the compilation count), the others once
+MANY_SHAPES_CONFIG = "plus_three_layers"
+MAX_GRAPHS = 2  # a batch-1 graph first, then one dynamic graph (as tests/test_compile.py)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(PLUS_CONFIGS))
+def test_compiled_over_many_shapes_is_one_graph_and_matches_reference(checkpoints):
+    reference, model, _ = checkpoints[MANY_SHAPES_CONFIG]
+    torch._dynamo.reset()
+    compiled = compile_model(model)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1, 20), (2, 37), (8, 4), (3, 50), (1, 131), (4, 101), (1, 3), (6, 90), (5, 5)]
+    before = counters["stats"]["unique_graphs"]
+    for batch, frames in shapes:
+        features = torch.randn(batch, frames, 160, generator=generator)
+        count = int(model.audio_token_counts(features[:1]).item())
+        ids = torch.tensor([prompt_ids(count)] * batch)
+        with torch.no_grad():
+            logits = compiled(ids, input_features=features)
+        expected = _reference_logits(reference, ids, features)
+        assert relative_error(logits, expected) <= TOLERANCE, (batch, frames)
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert 1 <= graphs <= MAX_GRAPHS, f"{graphs} compilations for {len(shapes)} shapes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in PLUS_CONFIGS if n != MANY_SHAPES_CONFIG])
 def test_logits_match_reference_compiled(checkpoints, name):
     reference, model, _ = checkpoints[name]
     torch._dynamo.reset()

@@ -10,8 +10,8 @@ and keeps its BatchNorm in float32.
 Compile notes: every shape below is derived from tensor sizes with integer arithmetic, so a
 single graph compiled with a dynamic time axis serves every length. Padding is handled with
 masks built from `feature_lengths`, never with Python branches on data. With subsampling, time is
-first padded to `n * 2**len(subsample_layers)` frames, so each halving divides an even length and
-every later length is a product (`2n`, `n`) rather than a chain of floor divisions.
+first padded to `n * 2**len(subsample_layers)` frames (n >= 2), so each halving divides an even
+length and every later length is a product (`2n`, `n`) rather than a chain of floor divisions.
 """
 
 from dataclasses import dataclass
@@ -274,8 +274,9 @@ class ConformerBlock(nn.Module):
 class ConformerEncoder(nn.Module):
     """log-mel features (B, T, input_dim) -> hidden states (B, T', hidden_dim).
 
-    T' = T without subsampling; with k subsampling blocks, T' = ceil(T / 2**k) rows of which a
-    clip of L frames owns the first L // 2**k (`output_lengths`), as in the reference.
+    T' = T without subsampling; with k subsampling blocks, T' = T // 2**k + 2 rows of which a
+    clip of L frames owns the first L // 2**k (`output_lengths`), as in the reference; the rest
+    is padding.
     """
 
     def __init__(self, config: ConformerConfig | None = None, **kwargs):
@@ -334,7 +335,10 @@ class ConformerEncoder(nn.Module):
         x = self.input_linear(input_features)
         factor = 2 ** len(self.config.subsample_layers)
         if factor > 1:
-            groups = (x.shape[1] + factor - 1) // factor
+            # T // factor + 2 groups of `factor` frames: the ceil(T / factor) the clip needs and
+            # one or two fully padded ones, so the shortest length is never 1 (a size-1 case on
+            # which the symbolic shapes branch: a recompile), as the attention's blocks
+            groups = x.shape[1] // factor + 2
             x = F.pad(x, (0, 0, 0, groups * factor - x.shape[1]))
         lengths = feature_lengths
         frame_valid = frame_mask(lengths, x.shape[1])

@@ -1,13 +1,14 @@
 """Granite Speech 5.0 (`granite_speech5`) as an FMS model: a CTC Conformer, no projector, no LLM.
 
 log-mel + deltas (B, T, 320) -> Conformer with subsampling blocks (time / 4) -> CTC logits
-(B, ceil(T / 4), vocab). The blocks are the Conformer's (`fms_speech.models.conformer`); what is
-this model's own is the subsampling, the float32 BatchNorm, and the CTC head, which is the
-encoder's mid-layer CTC projection (`encoder.out`) when tied, as published.
+(B, T // 4 + 2, vocab), of which a clip of L rows owns the first L // 4 (`output_lengths`).
+The blocks are the Conformer's (`fms_speech.models.conformer`); what is this model's own is the
+subsampling, the float32 BatchNorm, and the CTC head, which is the encoder's mid-layer CTC
+projection (`encoder.out`) when tied, as published.
 
 Compile: the whole forward is one graph for every length and batch (time is padded once to a
-multiple of 4 frames, so every later length is a product). Greedy decoding and word timestamps
-work on the logits afterwards (`fms_speech.ctc`).
+multiple of 4 frames, at least 8, so every later length is a product and never 1). Greedy
+decoding and word timestamps work on the logits afterwards (`fms_speech.ctc`).
 """
 
 import re
