@@ -57,6 +57,11 @@ def _our_decoding(model, tokenizer, logits, lengths):
     return ids, texts
 
 
+def _assert_valid_rows_match(model, logits, expected, lengths):
+    for row, valid in enumerate(model.output_lengths(lengths).tolist()):
+        assert relative_error(logits[row, :valid], expected[row, :valid]) <= TOLERANCE, row
+
+
 @pytest.mark.parametrize("name", list(SPEECH5_CONFIGS))
 def test_encoder_and_logits_match_reference_eager(ctc_checkpoints, name):
     reference, model, _ = ctc_checkpoints[name]
@@ -84,8 +89,7 @@ def test_padded_batch_and_decoding_match_reference_eager(ctc_checkpoints, name):
     with torch.no_grad():
         expected = reference(input_features=features, attention_mask=mask).logits
         logits = model(features, lengths)
-    for row, valid in enumerate(model.output_lengths(lengths).tolist()):
-        assert relative_error(logits[row, :valid], expected[row, :valid]) <= TOLERANCE, row
+    _assert_valid_rows_match(model, logits, expected, lengths)
     expected_ids, expected_texts = _reference_decoding(reference, tokenizer, features, lengths)
     ids, texts = _our_decoding(model, tokenizer, logits, lengths)
     assert ids == expected_ids
@@ -142,8 +146,7 @@ def test_logits_and_decoding_match_reference_compiled(ctc_checkpoints, name):
     with torch.no_grad():
         expected = reference(input_features=features, attention_mask=mask).logits
         logits = compiled(features, lengths)
-    for row, valid in enumerate(model.output_lengths(lengths).tolist()):
-        assert relative_error(logits[row, :valid], expected[row, :valid]) <= TOLERANCE, row
+    _assert_valid_rows_match(model, logits, expected, lengths)
     expected_ids, expected_texts = _reference_decoding(reference, tokenizer, features, lengths)
     assert _our_decoding(model, tokenizer, logits, lengths) == (expected_ids, expected_texts)
 

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from fms.models.granite import GraniteConfig
 from fms.testing._internal.model_test_suite import (
     ConfigFixtureMixin,
     ModelCompileTestSuite,
@@ -22,59 +21,23 @@ from fms_speech.models.granite_speech_plus import (
     GraniteSpeechPlusConfig,
     GraniteSpeechPlusEncoderConfig,
 )
-from fms_speech.models.qformer import QFormerConfig
+from models.test_granite_speech import AUDIO_TOKEN, FEATURES
+from models.test_granite_speech import small_config as granite_speech_config
 
-# as for GraniteSpeech: with audio token 5 and one Q-Former window of one query, FMS's signature
-# input torch.arange(16) holds the one placeholder a clip of up to 8 frames needs
-AUDIO_TOKEN = 5
-FEATURES = torch.randn(1, 7, 160, generator=torch.Generator().manual_seed(0))
 HIDDEN = 16
 
 
 def small_config() -> GraniteSpeechPlusConfig:
-    # 3 layers: index 0 (input_linear) and block 1 (the mid-layer CTC) concatenated with the output
+    """GraniteSpeech's small config (tests/models/test_granite_speech.py), with 3 encoder
+    layers of which index 0 (input_linear) and block 1 (the mid-layer CTC) are concatenated with
+    the output, an untied LM head and no LoRA."""
+    base = granite_speech_config()
+    encoder = {**base.encoder_config.as_dict(), "num_layers": 3, "cat_hidden_layers": (0, 1)}
+    assert encoder["hidden_dim"] == HIDDEN
     return GraniteSpeechPlusConfig(
-        encoder_config=GraniteSpeechPlusEncoderConfig(
-            num_layers=3,
-            hidden_dim=HIDDEN,
-            feedforward_mult=2,
-            num_heads=2,
-            dim_head=8,
-            output_dim=8,
-            context_size=4,
-            max_pos_emb=8,
-            conv_kernel_size=3,
-            cat_hidden_layers=(0, 1),
-        ),
-        projector_config=QFormerConfig(
-            hidden_size=16,
-            num_layers=1,
-            num_heads=2,
-            intermediate_size=32,
-            cross_attention_frequency=1,
-            encoder_hidden_size=3 * HIDDEN,
-            window_size=8,
-            downsample_rate=8,
-            output_size=16,
-        ),
-        text_config=GraniteConfig(
-            src_vocab_size=64,
-            emb_dim=16,
-            norm_eps=1e-5,
-            nheads=4,
-            head_dim=4,
-            kvheads=2,
-            nlayers=2,
-            hidden_grow_factor=2.0,
-            multiple_of=2,
-            max_expected_seq_len=64,
-            p_dropout=0.0,
-            tie_heads=False,
-            embedding_multiplier=12.0,
-            logits_scaling=8.0,
-            residual_multiplier=0.22,
-            attention_multiplier=0.25,
-        ),
+        encoder_config=GraniteSpeechPlusEncoderConfig(**encoder),
+        projector_config=base.projector_config.updated(encoder_hidden_size=3 * HIDDEN),
+        text_config=base.text_config.updated(tie_heads=False),
         audio_token_index=AUDIO_TOKEN,
         lora_rank=0,
     )
