@@ -49,12 +49,12 @@ AUGMENTATION = Augmentation()
 
 # training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields)
 TRAIN_OPTIONS = dict(
-    steps=2400,
-    batch_size=24,
+    steps=600,
+    batch_size=16,
     learning_rate=2e-3,
-    warmup_steps=150,
+    warmup_steps=60,
     ctc_weight=0.5,
-    save_every=200,
+    save_every=50,
     seed=TRAIN_SEED,
 )
 
@@ -225,3 +225,67 @@ def passage(sentences, voice: str = HELD_OUT_VOICE, pauses=(0.6, 1.4), seed: int
         parts.append(samples)
         cursor += len(samples)
     return np.concatenate(parts), spans
+
+
+def write_held_out(directory: Path, count: int, voice: str = HELD_OUT_VOICE) -> Path:
+    """`count` held-out sentences as wav files and a manifest.jsonl; returns the manifest."""
+    import json
+
+    from fms_speech.synthesis import write_audio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, text in enumerate(held_out_sentences(count)):
+        path = directory / f"{index:03d}.wav"
+        write_audio(path, speak(text, voice), 16000, "wav")
+        lines.append(json.dumps({"audio": path.name, "text": text}))
+    manifest = directory / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def write_passage(directory: Path, seconds: float, first: int = 100) -> Path:
+    """Held-out sentences from number `first` on, joined with pauses, at least `seconds` long:
+    passage.wav, a one-line manifest.jsonl, spans.json (each sentence's speech in seconds) and
+    sentences.jsonl (the same sentences one by one, trimmed as in the passage)."""
+    import json
+
+    from fms_speech.synthesis import write_audio
+
+    directory.mkdir(parents=True, exist_ok=True)
+    count = 8
+    while True:
+        sentences = held_out_sentences(first + count)[first:]
+        samples, spans = passage(sentences, seed=first)
+        if len(samples) / 16000 >= seconds:
+            break
+        count = int(count * 1.05 * seconds / (len(samples) / 16000)) + 1
+    write_audio(directory / "passage.wav", samples, 16000, "wav")
+    text = " ".join(sentences)
+    (directory / "manifest.jsonl").write_text(
+        json.dumps({"audio": "passage.wav", "text": text}) + "\n"
+    )
+    (directory / "spans.json").write_text(json.dumps(spans) + "\n")
+    lines = []
+    for index, sentence in enumerate(sentences):
+        clip = speak(sentence)
+        start, end = speech_bounds(clip)
+        write_audio(directory / f"sentence{index:03d}.wav", clip[start:end], 16000, "wav")
+        lines.append(json.dumps({"audio": f"sentence{index:03d}.wav", "text": sentence}))
+    (directory / "sentences.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "manifest.jsonl"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the demo model's evaluation audio")
+    parser.add_argument("what", choices=["held-out", "passage"])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--count", type=int, default=100, help="held-out sentences")
+    parser.add_argument("--seconds", type=float, default=300.0, help="passage length")
+    args = parser.parse_args()
+    if args.what == "held-out":
+        print(write_held_out(args.directory, args.count))
+    else:
+        print(write_passage(args.directory, args.seconds))

@@ -32,6 +32,7 @@ from fms_speech.models.conformer import frame_mask
 from fms_speech.models.granite_speech import GraniteSpeech, GraniteSpeechConfig
 from fms_speech.prompts import chat_text, instruction
 from fms_speech.train_data import (
+    CTC_ALPHABET,
     CTC_BLANK,
     IGNORE_INDEX,
     Batch,
@@ -257,6 +258,12 @@ def train(
 
     from fms_speech.export import save_pretrained
 
+    classes = model.config.encoder_config.output_dim
+    if options.ctc_weight > 0 and classes != len(CTC_ALPHABET) + 1:
+        raise ValueError(
+            f"the encoder's out head has {classes} classes, not the {len(CTC_ALPHABET) + 1} of "
+            "the CTC characters: train it with --ctc-weight 0"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.train()
