@@ -5,6 +5,7 @@ fixed windows and with silero-vad regions; the CLI's default model.
 Bounds are the measured rates (docs/demo-model.md) plus a margin, not the issue's targets.
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_long_form_through_the_cli(long_form, tmp_path, capsys, segmentation):
     if segmentation == "vad":
         starts = [segment["start"] for segment in document["segments"]]
         ends = [segment["end"] for segment in document["segments"]]
-        pauses = list(zip([end for _, end in spans[:-1]], [start for start, _ in spans[1:]]))
+        pauses = [(left[1], right[0]) for left, right in itertools.pairwise(spans)]
         found = sum(
             any(abs(end - pause_start) <= BOUNDARY_TOLERANCE for end in ends)
             and any(abs(start - pause_end) <= BOUNDARY_TOLERANCE for start in starts)

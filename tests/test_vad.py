@@ -1,5 +1,7 @@
 """silero-vad segmentation: speech regions at the true pauses of synthesised speech."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_regions_never_exceed_the_window(spoken_passage):
     # a 3 s window is shorter than most sentences: they are split, none is longer
     regions = speech_regions(waveform, 3.0)
     assert max(end - start for start, end in regions) <= 3 * SAMPLE_RATE
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(regions, regions[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(regions))
     assert len(regions) > 8
 
 
@@ -47,7 +49,7 @@ def test_fixed_segmentation_keeps_the_windows(spoken_passage):
     waveform, _ = spoken_passage
     ranges = segment_ranges(waveform, TranscribeOptions(window_seconds=10, segmentation="fixed"))
     assert ranges[0][0] == 0 and ranges[-1][1] == waveform.numel()
-    assert all(b_start < a_end for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))
+    assert all(b_start < a_end for (_, a_end), (b_start, _) in itertools.pairwise(ranges))
 
 
 def test_unknown_segmentation_is_one_sentence():
