@@ -49,13 +49,15 @@ AUGMENTATION = Augmentation()
 
 # training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields)
 TRAIN_OPTIONS = dict(
-    steps=600,
-    batch_size=16,
+    steps=450,
+    batch_size=8,
     learning_rate=2e-3,
-    warmup_steps=60,
+    warmup_steps=30,
     ctc_weight=0.5,
-    save_every=50,
+    save_every=30,
     seed=TRAIN_SEED,
+    pool_batches=32,
+    compile=False,  # see docs/demo-model.md: the compiled step recompiled per batch here
 )
 
 

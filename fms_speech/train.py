@@ -372,6 +372,11 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, choices=[0, 1])
     parser.add_argument("--no-compile", action="store_true", help="train eagerly")
     parser.add_argument("--resume", action="store_true", help="continue from DIR's saved state")
+    parser.add_argument(
+        "--export-state",
+        action="store_true",
+        help="write the hub-layout checkpoint of DIR's saved state (an unfinished run) and exit",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -397,6 +402,15 @@ def run_train(args) -> int:
         print(f"fms-speech: error: {message}", file=sys.stderr)
         return 2
 
+    if args.export_state:
+        try:
+            step = export_state(args.output)
+        except (OSError, ValueError) as error:
+            return fail(str(error).splitlines()[0])
+        print(
+            f"fms-speech: wrote the checkpoint of step {step} into {args.output}", file=sys.stderr
+        )
+        return 0
     try:
         if args.recipe == "demo":
             options = options_from(args, demo_recipe.TRAIN_OPTIONS)
@@ -449,6 +463,24 @@ def run_train(args) -> int:
     (Path(args.output) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), file=sys.stderr)
     return 0
+
+
+def export_state(directory: str | Path) -> int:
+    """Write the hub-layout checkpoint of directory/training_state.pt; returns its step."""
+    from transformers import AutoTokenizer
+
+    from fms_speech.export import save_pretrained
+
+    directory = Path(directory)
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {STATE_FILE} to export")
+    state = torch.load(path, weights_only=False)
+    config = GraniteSpeechConfig._load_from_dict(state["config"])
+    model = GraniteSpeech(config)
+    model.load_state_dict(state["model"])
+    save_pretrained(model.eval(), AutoTokenizer.from_pretrained(str(directory)), directory)
+    return state["step"]
 
 
 def _mean_tail(values: list[float], count: int = 50) -> float | None:
