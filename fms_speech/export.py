@@ -57,6 +57,7 @@ def _write_safetensors(path: Path, tensors: dict, dtype: torch.dtype) -> None:
         for name, tensor in tensors.items()
     }
     save_file(cast, str(temporary), metadata={"format": "pt"})
+    temporary.chmod(0o644)  # safetensors creates it private; a checkpoint is to be shared
     temporary.replace(path)
 
 
