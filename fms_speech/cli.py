@@ -216,11 +216,12 @@ def _load(args) -> Transcriber | None:
 
 def evaluate(args) -> int:
     from fms_speech.evaluate import evaluate as evaluate_manifest
-    from fms_speech.train_data import ManifestError
+    from fms_speech.train_data import ManifestError, read_manifest
 
     try:
         options = options_from(args)
-    except ValueError as error:
+        read_manifest(args.manifest)  # a bad manifest fails before the model loads
+    except ValueError as error:  # ManifestError is a ValueError
         _fail(str(error))
         return EXIT_NOTHING_RAN
     transcriber = _load(args)

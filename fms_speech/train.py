@@ -85,7 +85,11 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.with_ctc = with_ctc
 
-    def forward(self, input_ids, labels, features, feature_lengths):
+    def forward(self, tokens, features, feature_lengths):
+        # tokens (2, B, L): input ids and labels in one tensor, so that both have the same
+        # symbolic length (passed apart, dynamo specialised the labels' length and recompiled
+        # for every batch)
+        input_ids, labels = tokens.unbind(0)
         model = self.model
         hidden, mid_logits = model.encoder.forward_with_ctc(features, feature_lengths)
         audio = model.projector(hidden, frame_mask(feature_lengths, features.shape[1]))
@@ -128,9 +132,8 @@ def ctc_loss(log_probs, feature_lengths, targets, target_lengths) -> torch.Tenso
 
 def batch_loss(step_fn, batch: Batch, ctc_weight: float):
     """(loss, cross-entropy, ctc) of a batch; ctc averages the last and middle layers."""
-    cross_entropy, final, mid = step_fn(
-        batch.input_ids, batch.labels, batch.features, batch.feature_lengths
-    )
+    tokens = torch.stack([batch.input_ids, batch.labels])
+    cross_entropy, final, mid = step_fn(tokens, batch.features, batch.feature_lengths)
     if final is None:
         return cross_entropy, cross_entropy, torch.zeros_like(cross_entropy)
     lengths, targets, target_lengths = batch.feature_lengths, batch.ctc_targets, batch.ctc_lengths

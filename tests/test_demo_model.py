@@ -111,8 +111,8 @@ def long_form(tmp_path_factory):
     return path, sentences, spans, score(sentences, alone)[0]
 
 
-@UNDER_TRAINED
-@pytest.mark.parametrize("segmentation", ["fixed", "vad"])
+# with vad, segments whose text is empty are dropped: the boundaries need a model that writes
+@pytest.mark.parametrize("segmentation", ["fixed", pytest.param("vad", marks=UNDER_TRAINED)])
 def test_long_form_through_the_cli(long_form, tmp_path, capsys, segmentation):
     path, sentences, spans, sentence_wer = long_form
     code = main(
