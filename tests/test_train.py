@@ -11,6 +11,7 @@ import pytest
 import torch
 from fms.models import get_model
 from fms.models.granite import GraniteConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from reference import relative_error
 from torch._dynamo.utils import counters
 from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
@@ -121,7 +122,13 @@ def _resumed_losses(tokenizer, directory, steps, resume):
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
     model = new_model(config, seed=0)
     options = TrainOptions(
-        steps=steps, batch_size=3, warmup_steps=2, save_every=2, compile=False, workers=0
+        steps=steps,
+        batch_size=3,
+        warmup_steps=2,
+        save_every=2,
+        compile=False,
+        workers=0,
+        pool_batches=2,
     )
     return train(model, tokenizer, _source(), options, directory, resume=resume, progress=False)
 
@@ -180,7 +187,10 @@ def test_saved_checkpoint_loads_in_fms_and_reference_with_equal_logits(tokenizer
         assert relative_error(fms, ours) <= TOLERANCE
         assert relative_error(theirs, ours) <= TOLERANCE
     text_ids = torch.tensor([saved_tokenizer("one two three")["input_ids"]])
-    reference.disable_adapters()
+    # the LoRA off, through peft's layers (transformers' disable_adapters() wants peft >= 0.22)
+    for module in reference.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
     with torch.no_grad():
         theirs = reference(input_ids=text_ids).logits / scaling
         ours = model(text_ids)
