@@ -373,7 +373,9 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int, choices=[0, 1])
-    parser.add_argument("--no-compile", action="store_true", help="train eagerly")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--compile", action="store_true", help="compile the training step")
+    compiled.add_argument("--no-compile", action="store_true", help="train eagerly")
     parser.add_argument("--resume", action="store_true", help="continue from DIR's saved state")
     parser.add_argument(
         "--export-state",
@@ -391,8 +393,8 @@ def options_from(args, defaults: dict) -> TrainOptions:
             values[field.name] = value
     if isinstance(values.get("parts"), str):
         values["parts"] = tuple(part.strip() for part in values["parts"].split(","))
-    if args.no_compile:
-        values["compile"] = False
+    if args.no_compile or args.compile:
+        values["compile"] = bool(args.compile)
     return TrainOptions(**values)
 
 
