@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 
 from fms_speech.audio import SAMPLE_RATE, load_audio, log_mel, prepare_waveform
@@ -174,11 +173,6 @@ def read_manifest(path: Path) -> list[tuple[Path, str]]:
     if not entries:
         raise ManifestError(f"manifest {path} has no entries")
     return entries
-
-
-def audio_seconds(path: Path) -> float:
-    info = soundfile.info(str(path))
-    return info.frames / info.samplerate
 
 
 @dataclass
