@@ -142,7 +142,10 @@ def test_resume_continues_with_the_same_batches_and_weights(tokenizer, tmp_path)
     torch.save(state, tmp_path / "cut" / "training_state.pt")
     rest = _resumed_losses(tokenizer, tmp_path / "cut", 4, resume=True)
     assert rest.steps == 2
-    assert rest.losses == pytest.approx(whole.losses[2:], rel=1e-5)
+    # not bit-exact: eSpeak NG's pitch jitter draws from the engine's own random state, which
+    # depends on what the process spoke before (measured: 2.7e-5 relative); other batches or
+    # weights would differ by far more (the losses of successive batches differ by ~10%)
+    assert rest.losses == pytest.approx(whole.losses[2:], rel=1e-3)
 
 
 def _reference(directory):
