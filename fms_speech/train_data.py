@@ -5,8 +5,12 @@ Two sources give examples as (waveform at 16 kHz, text):
   drawn per example, then noise and gain augmentation;
 - `ManifestSpeech`: a JSON-lines manifest, one `{"audio": path, "text": ...}` per line.
 
-Example i of a source is a pure function of (seed, i), and so is the order of batches: a run
-resumed at step s sees exactly the batches an uninterrupted run would have seen from step s on.
+Example i of a source is drawn from (seed, i) alone (its text, voice, rate, pitch, noise and
+gain), and so is the order of batches: a run resumed at step s sees the batches an
+uninterrupted run would have seen from step s on. Not to the last bit: eSpeak NG's output for
+the same text and settings varies slightly with what the engine spoke before (its pitch jitter
+and timing keep state), so resumed audio differs a little; a fresh run in a fresh process
+repeats the same history.
 Examples are drawn in pools; a pool is sorted by length and cut into batches (similar lengths
 pad little), whose order is then shuffled.
 """

@@ -142,9 +142,9 @@ def test_resume_continues_with_the_same_batches_and_weights(tokenizer, tmp_path)
     torch.save(state, tmp_path / "cut" / "training_state.pt")
     rest = _resumed_losses(tokenizer, tmp_path / "cut", 4, resume=True)
     assert rest.steps == 2
-    # not bit-exact: eSpeak NG's pitch jitter draws from the engine's own random state, which
-    # depends on what the process spoke before (measured: 2.7e-5 relative); other batches or
-    # weights would differ by far more (the losses of successive batches differ by ~10%)
+    # not bit-exact: eSpeak NG's output for the same text varies with what the engine spoke
+    # before (checked: "one two three" twice, with a sentence between, differs in length), here
+    # 2.7e-5 relative; other batches or weights differ by far more (~10% between batches)
     assert rest.losses == pytest.approx(whole.losses[2:], rel=1e-3)
 
 
