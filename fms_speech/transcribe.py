@@ -41,6 +41,7 @@ from fms_speech.stitch import stitch
 AudioInput = str | Path | np.ndarray | torch.Tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGES = ("load", "features", "prefill", "decode")
+SEGMENTATIONS = ("fixed", "vad")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class TranscribeOptions:
     window_seconds: float = 30.0  # long audio is cut into windows of at most this
     overlap_seconds: float = 1.0  # shared by consecutive windows, for stitching
     max_audio_seconds: float | None = None  # longer inputs fail; None: no limit
+    # fixed: overlapping windows cut at quiet points, texts stitched; vad: speech regions
+    # found by silero-vad, each its own segment (fms_speech.vad)
+    segmentation: str = "fixed"
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_beams < 1:
@@ -69,6 +73,10 @@ class TranscribeOptions:
             raise ValueError("the overlap must be at least 0 s and below half the window")
         if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
             raise ValueError("the longest audio allowed must be more than 0 s")
+        if self.segmentation not in SEGMENTATIONS:
+            raise ValueError(
+                f"unknown segmentation {self.segmentation!r}: choose {' or '.join(SEGMENTATIONS)}"
+            )
         self.instruction()  # a PromptError (a ValueError) for a bad task or language
 
     def instruction(self) -> str:
@@ -108,10 +116,20 @@ class _Pending:
     result: Transcription
     windows: list[_Window]
     remaining: int
+    stitched: bool = True  # overlapping windows whose texts are stitched (fixed segmentation)
 
 
 def _source_name(item: AudioInput, index: int) -> str:
     return str(item) if isinstance(item, (str, Path)) else f"array {index}"
+
+
+def segment_ranges(waveform: torch.Tensor, options: TranscribeOptions) -> list[tuple[int, int]]:
+    """The (start, end) sample ranges of `waveform` that run through the model as windows."""
+    if options.segmentation == "vad":
+        from fms_speech.vad import speech_regions
+
+        return speech_regions(waveform, options.window_seconds)
+    return split_audio(waveform, options.window_seconds, options.overlap_seconds)
 
 
 def resolve_options(options: TranscribeOptions | None, **overrides) -> TranscribeOptions:
@@ -240,9 +258,14 @@ class Transcriber:
                 yield result
                 continue
             result.timings["load"] = time.perf_counter() - started
-            ranges = split_audio(waveform, options.window_seconds, options.overlap_seconds)
+            ranges = segment_ranges(waveform, options)
+            if not ranges:  # no speech found: an empty transcript
+                result.timings["total"] = math.fsum(result.timings.values())
+                yield result
+                continue
             windows = [_Window(index, start, end, waveform[start:end]) for start, end in ranges]
-            pending[index] = _Pending(result, windows, len(windows))
+            stitched = options.segmentation == "fixed"
+            pending[index] = _Pending(result, windows, len(windows), stitched)
             queue.extend(windows)
             while len(queue) >= options.batch_size:
                 batch, queue = queue[: options.batch_size], queue[options.batch_size :]
@@ -314,14 +337,19 @@ def _pad_id(tokenizer) -> int:
 def _assemble(entry: _Pending) -> Transcription:
     """Join a finished input's windows: stitched text, one segment per window."""
     result, windows = entry.result, entry.windows
-    shares = stitch([window.text for window in windows])
-    # a segment runs from the middle of one overlap to the middle of the next
-    bounds = [windows[0].start]
-    bounds += [(left.end + right.start) / 2 for left, right in itertools.pairwise(windows)]
-    bounds += [windows[-1].end]
+    if entry.stitched:
+        shares = stitch([window.text for window in windows])
+        # a segment runs from the middle of one overlap to the middle of the next
+        bounds = [windows[0].start]
+        bounds += [(left.end + right.start) / 2 for left, right in itertools.pairwise(windows)]
+        bounds += [windows[-1].end]
+        spans = list(itertools.pairwise(bounds))
+    else:  # disjoint speech regions: each is its own segment, where it really is
+        shares = [window.text for window in windows]
+        spans = [(window.start, window.end) for window in windows]
     result.segments = [
         Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text)
-        for start, end, text in zip(bounds[:-1], bounds[1:], shares, strict=True)
+        for (start, end), text in zip(spans, shares, strict=True)
         if text
     ]
     result.text = " ".join(segment.text for segment in result.segments)
