@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from fms_speech import bench
+from fms_speech.serve.server import add_serve_arguments, run_serve
 from fms_speech.transcribe import DTYPES, TranscribeOptions, Transcriber, Transcription
 from fms_speech.writers import WRITERS, output_formats, write_result
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser(
             "bench", help="measure the reference and fms-speech, eager and compiled"
         )
+    )
+    add_serve_arguments(
+        commands.add_parser("serve", help="an OpenAI-compatible transcription server")
     )
     return parser
 
@@ -178,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return transcribe(args)
     if args.command == "bench":
         return bench.run_bench(args)
+    if args.command == "serve":
+        return run_serve(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
