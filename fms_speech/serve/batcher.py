@@ -148,7 +148,12 @@ class Batcher:
             return
         self.ready.set()
         while (batch := self._next_batch()) is not None:
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as error:  # a bug must fail these requests, not stop the worker
+                log.exception("a model call failed")
+                for job in dict.fromkeys(item.job for item in batch):
+                    self._fail(job, f"transcription failed: {str(error).splitlines()[0]}")
             self.metrics.compiled_graphs.set(compiled_graph_count())
 
     def _next_batch(self) -> list[_Queued] | None:
@@ -194,9 +199,15 @@ class Batcher:
 
         return on_tokens
 
+    def _fail(self, job: Job, message: str) -> None:
+        with self._condition:  # its windows still waiting will not run
+            self._waiting = [item for item in self._waiting if item.job is not job]
+        job.entry.result.error = message
+        self._finish(job, job.entry.result)
+
     def _finish(self, job: Job, result: Transcription) -> None:
         with self._condition:
-            if job.cancelled:
+            if job.cancelled or job.finished:
                 return
             job.finished = True
             self._in_flight -= 1

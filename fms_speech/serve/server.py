@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from fms_speech.transcribe import DTYPES, TranscribeOptions, Transcriber
 
 API_KEY_VARIABLE = "FMS_SPEECH_API_KEY"
@@ -21,6 +23,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=_positive_int, default=8000)
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="windows per model call")
@@ -94,6 +97,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("%s", error)
         return 2
     name = args.served_model_name or Path(args.model).resolve().name
+    if args.threads:  # before loading: compiled kernels keep the count they were built for
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     log.info(
         "loading %s (%s, %s%s)", args.model, args.device, args.dtype, ", compiled" * args.compile

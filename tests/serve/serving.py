@@ -5,11 +5,6 @@ compiles) and always ended by its pid in a finalizer, also when a test fails.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from fms_speech.cli import main as cli_main
+from fms_speech.serve.process import ServerFailed, ServerProcess, decode_body
 
 MAX_NEW_TOKENS = 6
 READY_TIMEOUT = 900  # a hang guard for start-up (compiling on a busy 2-core machine), not a check
@@ -43,95 +39,32 @@ SENTENCES = [
 FORMATS = ["wav", "flac", "mp3", "ogg"]
 
 
-class Server:
-    """A `fms-speech serve` subprocess; its stderr goes to `log_path`."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *options, env: dict | None = None):
-        self.model_dir = model_dir
-        self.model = model_dir.name  # the served name by default
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        command = [sys.executable, "-m", "fms_speech.cli", "serve", "--model", str(model_dir)]
-        command += ["--port", str(self.port), *map(str, options)]
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
+class Server(ServerProcess):
+    """A `fms-speech serve` subprocess with the requests the tests make of it."""
 
     def wait_until_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            status, body = self.get("/health")
-            if status == 200 and body.get("status") == "ready":
-                return
-            time.sleep(0.2)
-        pytest.fail(f"the server was not ready after {READY_TIMEOUT} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            super().wait_until_ready(READY_TIMEOUT)
+        except ServerFailed as failure:
+            pytest.fail(str(failure))
 
     def client(self, api_key: str = "unused", **options) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, **options)
 
-    def get(self, path: str, headers: dict | None = None) -> tuple[int, dict | str]:
-        request = urllib.request.Request(self.url + path, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, _decode(response.read(), response.headers)
-        except urllib.error.HTTPError as error:
-            return error.code, _decode(error.read(), error.headers)
-        except (ConnectionError, urllib.error.URLError):
-            return 0, {}
-
-    def post(self, path: str, body, content_type: str, headers: dict | None = None):
-        """POST raw bytes (or an iterable of chunks: sent chunked); (status, decoded body)."""
+    def post(self, path: str, body: bytes, content_type: str, headers: dict | None = None):
+        """POST raw bytes; (status, decoded body)."""
         headers = {"Content-Type": content_type, **(headers or {})}
         request = urllib.request.Request(self.url + path, data=body, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, _decode(response.read(), response.headers)
+                return response.status, decode_body(response.read(), response.headers)
         except urllib.error.HTTPError as error:
-            return error.code, _decode(error.read(), error.headers)
-
-    def metrics(self) -> dict[str, float]:
-        """The samples of /metrics: 'name{labels}' -> value."""
-        status, text = self.get("/metrics")
-        assert status == 200
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+            return error.code, decode_body(error.read(), error.headers)
 
     def assert_healthy(self) -> None:
         """Still serving: /health says ready."""
         assert self.process.poll() is None, self.log()
         assert self.get("/health") == (200, {"status": "ready", "model": self.model})
-
-
-def _decode(data: bytes, headers) -> dict | str:
-    if headers.get("content-type", "").startswith("application/json"):
-        return json.loads(data)
-    return data.decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
