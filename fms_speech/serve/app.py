@@ -139,10 +139,14 @@ def create_app(
             ) from None
         try:
             parsed = parse_request(form, task, limits)
+            if batcher.full():  # refused before its audio is decoded (submit checks again)
+                raise QueueFull
             name = display_name(parsed.upload)
             waveform = await run_in_threadpool(load_upload, parsed.upload, name)
         except AudioError as error:
             raise APIError(400, str(error), param="file", code="invalid_audio") from None
+        except QueueFull:
+            raise _busy() from None
         finally:
             await form.close()
         result = Transcription(name)
@@ -151,18 +155,14 @@ def create_app(
             entry = await run_in_threadpool(transcriber.prepare, result, waveform, parsed.options)
         except AudioError as error:  # longer than --max-audio-seconds
             raise APIError(400, str(error), param="file", code="audio_too_long") from None
+        except ValueError as error:  # a PromptError: the prompt cannot be made a chat prompt
+            raise APIError(400, str(error), param="prompt", code="invalid_value") from None
         request.state.summary = f"{result.duration:.1f} s of audio in {len(entry.windows)} windows"
         job = _job(entry, parsed)
         try:
             batcher.submit(job)
         except QueueFull:
-            raise APIError(
-                503,
-                f"The server is busy ({batcher.max_queue} requests queued, --max-queue): "
-                "retry later.",
-                type="server_error",
-                code="queue_full",
-            ) from None
+            raise _busy() from None
         if parsed.stream:
             return StreamingResponse(
                 _events(job, request), media_type="text/event-stream", headers=_NO_CACHE
@@ -171,6 +171,14 @@ def create_app(
         if done is None:
             return Response(status_code=DISCONNECTED)
         return _respond(done, parsed)
+
+    def _busy() -> APIError:
+        return APIError(
+            503,
+            f"The server is busy ({batcher.max_queue} requests queued, --max-queue): retry later.",
+            type="server_error",
+            code="queue_full",
+        )
 
     def _job(entry, parsed: AudioRequest) -> Job:
         loop = asyncio.get_running_loop()

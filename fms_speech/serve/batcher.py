@@ -103,6 +103,13 @@ class Batcher:
             self._stopping = True
             self._condition.notify_all()
 
+    def full(self) -> bool:
+        with self._condition:
+            if self._in_flight >= self.max_queue:
+                self.metrics.rejected.inc()
+                return True
+            return False
+
     def submit(self, job: Job) -> None:
         """Queue a job's windows; QueueFull at once if --max-queue requests are in flight."""
         with self._condition:

@@ -119,12 +119,15 @@ def run_clients(server: ServerProcess, clips, clients: int, requests: int) -> di
                 audio_seconds[0] += seconds
 
     before = server.metrics()
-    threads = [threading.Thread(target=work, args=(offset,)) for offset in range(clients)]
+    threads = [
+        threading.Thread(target=work, args=(offset,), daemon=True) for offset in range(clients)
+    ]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        while thread.is_alive():  # a timeout keeps Ctrl-C working
+            thread.join(timeout=0.5)
     wall = time.perf_counter() - started
     after = server.metrics()
     return {

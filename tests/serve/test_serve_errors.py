@@ -161,8 +161,9 @@ def test_a_request_without_a_file_or_not_multipart_is_a_400(strict, client, spee
         ({"response_format": "diarized_json"}, "response_format", "is not one of"),
         ({"response_format": "srt", "stream": True}, "stream", "json or text"),
         ({"extra_body": {"num_beams": "99"}}, "num_beams", "from 1 to 8"),
+        ({"prompt": "<|audio|> and <|audio|>"}, "prompt", "exactly once"),
     ],
-    ids=["temperature", "word-timestamps", "response-format", "stream-srt", "num-beams"],
+    ids=["temperature", "word-timestamps", "response-format", "stream-srt", "num-beams", "prompt"],
 )
 def test_an_unsupported_option_is_a_400_naming_it(
     fields, param, words, strict, client, speech_files
