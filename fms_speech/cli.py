@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from fms_speech.bench import cli as bench_cli
+from fms_speech.serve.server import add_serve_arguments, run_serve
 from fms_speech.transcribe import (
     DTYPES,
     SEGMENTATIONS,
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_train(commands)
     bench_cli.add_command(commands)
+    add_serve_arguments(
+        commands.add_parser("serve", help="an OpenAI-compatible transcription server")
+    )
     return parser
 
 
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(args)
     if args.command == "bench":
         return bench_cli.run(args)
+    if args.command == "serve":
+        return run_serve(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
