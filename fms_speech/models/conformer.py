@@ -316,7 +316,14 @@ class ConformerEncoder(nn.Module):
     def forward(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.layer_outputs(input_features, feature_lengths)[-1]
+        return self._run_layers(input_features, feature_lengths)[0][-1]
+
+    def forward_with_ctc(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states and the mid-layer CTC logits (`out` head; None with one layer)."""
+        states, mid_logits = self._run_layers(input_features, feature_lengths)
+        return states[-1], mid_logits
 
     def layer_outputs(
         self,
@@ -330,6 +337,15 @@ class ConformerEncoder(nn.Module):
         mid-layer CTC update included for block num_layers // 2 (the reference's in-place
         update does the same to the copy granite_speech_plus concatenates).
         """
+        return self._run_layers(input_features, feature_lengths, export)[0]
+
+    def _run_layers(
+        self,
+        input_features: torch.Tensor,
+        feature_lengths: torch.Tensor | None,
+        export: tuple[int, ...] = (),
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """([exported states..., output], the mid-layer CTC logits or None)."""
         if feature_lengths is None:
             feature_lengths = full_lengths(input_features)
         x = self.input_linear(input_features)
@@ -345,13 +361,15 @@ class ConformerEncoder(nn.Module):
         exported = [x] if 0 in export else []
         # self-conditioned CTC after block num_layers // 2 (1-based), as trained
         mid_layer = self.config.num_layers // 2 - 1
+        mid_logits = None
         for index, layer in enumerate(self.layers):
             x = layer(x, frame_valid)
             if layer.subsample:
                 lengths = lengths // 2
                 frame_valid = frame_mask(lengths, x.shape[1])
             if index == mid_layer:
-                x = x + self.out_mid(torch.softmax(self.out(x), dim=-1))
+                mid_logits = self.out(x)
+                x = x + self.out_mid(torch.softmax(mid_logits, dim=-1))
             if index + 1 in export:
                 exported.append(x)
-        return [*exported, x]
+        return [*exported, x], mid_logits
