@@ -163,8 +163,16 @@ class GenerationBatch:
     feature_lengths: torch.Tensor | None  # (B,) valid frames per row
     settings: dict = field(default_factory=dict)  # generate's keyword arguments
 
-    def generate(self, model) -> GenerationOutput:
-        return generate(model, self.prompts, self.features, self.feature_lengths, **self.settings)
+    def generate(self, model, on_tokens=None) -> GenerationOutput:
+        """on_tokens: rank-local (never sent), see `generate`."""
+        return generate(
+            model,
+            self.prompts,
+            self.features,
+            self.feature_lengths,
+            on_tokens=on_tokens,
+            **self.settings,
+        )
 
     def _header(self) -> dict:
         tensors = {}
@@ -198,14 +206,15 @@ class Lockstep:
     def leads(self) -> bool:
         return self.rank == 0
 
-    def run(self, batch: GenerationBatch) -> GenerationOutput:
-        """Rank 0: generate `batch` on every rank; its output (the same on every rank)."""
+    def run(self, batch: GenerationBatch, on_tokens=None) -> GenerationOutput:
+        """Rank 0: generate `batch` on every rank; its output (the same on every rank).
+        on_tokens runs on rank 0 only."""
         self._require_leader("run")
         self._send([_BATCH, batch._header()])
         for tensor in (batch.features, batch.feature_lengths):
             if tensor is not None:
                 self._broadcast(tensor.contiguous(), "sending a batch")
-        return self._generate(batch)
+        return self._generate(batch, on_tokens)
 
     def heartbeat(self) -> None:
         """Rank 0, while it has nothing to run: tell the followers it is alive, so that their
@@ -244,9 +253,9 @@ class Lockstep:
             header["settings"],
         )
 
-    def _generate(self, batch: GenerationBatch) -> GenerationOutput:
+    def _generate(self, batch: GenerationBatch, on_tokens=None) -> GenerationOutput:
         try:
-            output = batch.generate(self.model)
+            output = batch.generate(self.model, on_tokens)
         except Exception as error:
             # a rank that stops mid-generation leaves the others inside a collective: the
             # tensor-parallel ranks cannot be brought back in step, so the run ends
