@@ -287,7 +287,9 @@ def _run_ranks(args, options, launch: distributed.Launch, device) -> int:
     )
     stems = _output_stems(args.files)
     writes = leads or parallel == "data"
-    problem = _agreed_problem(_output_dir_problem(args, stems) if writes else None, launch)
+    problem = distributed.agreed_problem(
+        _output_dir_problem(args, stems) if writes else None, launch
+    )
     transcriber = None
     if problem is None:
         _default_model(args, say=leads)
@@ -297,7 +299,7 @@ def _run_ranks(args, options, launch: distributed.Launch, device) -> int:
             )
         except (ValueError, OSError, RuntimeError) as error:
             problem = str(error).splitlines()[0]
-        problem = _agreed_problem(problem, launch)
+        problem = distributed.agreed_problem(problem, launch)
     if problem is not None:  # every rank knows; rank 0 says it
         if leads:
             _fail(problem)
@@ -346,19 +348,6 @@ def _output_dir_problem(args, stems) -> str | None:
     if clash is not None:
         return f"an output would overwrite the input {clash}; choose another --output-dir"
     return None
-
-
-def _agreed_problem(problem: str | None, launch: distributed.Launch) -> str | None:
-    """Every rank's problem, gathered on all ranks: None if none has one, else one sentence."""
-    problems = [None] * launch.world_size
-    with distributed.collective(launch.rank, "checking that every rank is ready"):
-        dist.all_gather_object(problems, problem)
-    distinct = {p for p in problems if p is not None}
-    if not distinct:
-        return None
-    if len(distinct) == 1 and None not in problems:
-        return distinct.pop()
-    return "; ".join(f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None)
 
 
 def _default_model(args, say: bool) -> None:

@@ -145,6 +145,19 @@ def collective(rank: int, what: str, timeout: float | None = None) -> Iterator[N
         ) from None
 
 
+def agreed_problem(problem: str | None, launch: Launch) -> str | None:
+    """Every rank's problem, gathered on all ranks: None if none has one, else one sentence."""
+    problems = [None] * launch.world_size
+    with collective(launch.rank, "checking that every rank is ready"):
+        dist.all_gather_object(problems, problem)
+    distinct = {p for p in problems if p is not None}
+    if not distinct:
+        return None
+    if len(distinct) == 1 and None not in problems:
+        return distinct.pop()
+    return "; ".join(f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None)
+
+
 def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     # gloo starts its messages with its source location: [/path/to/pair.cc:553]

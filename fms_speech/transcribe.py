@@ -38,6 +38,7 @@ from fms_speech.audio import (
 from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
 from fms_speech.compile import compile_model
 from fms_speech.distributed import DistributedError, GenerationBatch, Lockstep, single_rank_group
+from fms_speech.generation import GenerationOutput
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
 
@@ -236,6 +237,18 @@ class Transcriber:
         if self.lockstep is not None and self.lockstep.leads:
             self.lockstep.close()
 
+    def heartbeat(self) -> None:
+        """Rank 0 of a tensor-parallel Transcriber, while idle: keep the other ranks waiting
+        (call more often than the process group's timeout; no-op otherwise)."""
+        if self.lockstep is not None and self.lockstep.leads:
+            self.lockstep.heartbeat()
+
+    def run_generation(self, batch: GenerationBatch, on_tokens=None) -> GenerationOutput:
+        """One `generate` call on this rank's model, or on every rank's (tensor parallel)."""
+        if self.lockstep is not None:
+            return self.lockstep.run(batch, on_tokens)
+        return batch.generate(self.runner, on_tokens)
+
     # ---- the public entry points
 
     def transcribe(
@@ -385,10 +398,7 @@ class Transcriber:
             "num_beams": options.num_beams,
         }
         batch_inputs = GenerationBatch(prompts, features.to(self.dtype), feature_lengths, settings)
-        if self.lockstep is not None:
-            output = self.lockstep.run(batch_inputs, on_tokens)
-        else:
-            output = batch_inputs.generate(self.runner, on_tokens)
+        output = self.run_generation(batch_inputs, on_tokens)
         for window, sequence, mean_logprob, first_eos_prob in zip(
             batch, output.sequences, output.mean_logprobs, output.first_eos_probs, strict=True
         ):

@@ -1,7 +1,8 @@
 """Prefill and decode-step times: tensor parallel over the torchrun ranks against one process.
 
     torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29600 \\
-        scripts/tp_step_times.py --variant 3.3-2b --llm-layers 8 --encoder-layers 4
+        -m fms_speech.bench.experiments.tensor_parallel \\
+        --variant 3.3-2b --llm-layers 8 --encoder-layers 4
 
 Random weights at a published variant's widths (fewer layers, so that it fits and runs in
 minutes on a CPU; a step's time grows with the layers), fp32. Rounds alternate, side by side in
@@ -22,6 +23,7 @@ from fms.models import get_model
 
 import fms_speech  # noqa: F401  (registers granite_speech)
 from fms_speech import distributed
+from fms_speech.audio import FEATURE_DIM, FRAMES_PER_SECOND
 from fms_speech.compile import compile_model
 from fms_speech.models.granite_speech import GraniteSpeechConfig
 
@@ -43,8 +45,8 @@ def _model(args, config: GraniteSpeechConfig, **load_options):
 
 def _batch(args, model) -> distributed.GenerationBatch:
     generator = torch.Generator().manual_seed(1)
-    frames = int(args.seconds * 100)
-    features = torch.randn(args.batch, frames, 160, generator=generator)
+    frames = int(args.seconds * FRAMES_PER_SECOND)
+    features = torch.randn(args.batch, frames, FEATURE_DIM, generator=generator)
     lengths = torch.full((args.batch,), frames)
     count = int(model.audio_token_counts(features[:1], lengths[:1]).item())
     audio = model.config.audio_token_index
