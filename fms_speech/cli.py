@@ -417,6 +417,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # the server's load benchmark: options of its own
+        from fms_speech.bench import load
+
+        return load.main(argv[2:])
     args = _parser().parse_args(argv)
     _quiet_libraries()
     if args.command == "transcribe":

@@ -242,7 +242,5 @@ def _serve(
         " (compiling the model)" if args.compile else "",
     )
     batcher.start()
-    server.run()
-    batcher.stop()
-    batcher.join(timeout=args.timeout_seconds)  # tensor parallel: it releases the other ranks
+    server.run()  # its shutdown stops the batcher (fms_speech.serve.app's lifespan)
     return exit_code[0]

@@ -52,8 +52,10 @@ def test_the_tensor_parallel_server_answers_as_one_process(
     windows = after["fms_speech_batch_windows_sum"] - before["fms_speech_batch_windows_sum"]
     assert windows == len(files) + 2 and calls < windows  # the long file has 3 windows
 
-    tp_server.stop()  # rank 0 releases rank 1, which says how many batches it ran
+    # SIGTERM to torchrun, which passes it on: rank 0 shuts down and releases rank 1 (which
+    # ignores the signal), and rank 1 says how many batches it ran
+    tp_server.stop()
     log = tp_server.log()
     followed = re.findall(r"rank 1 INFO rank 0 stopped serving; this rank ran (\d+) batches", log)
     assert followed and int(followed[0]) >= calls + 2, log[-3000:]  # + the two warm-up batches
-    assert "Traceback" not in log
+    assert "lost contact" not in log and " ERROR " not in log
