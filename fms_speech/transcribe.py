@@ -242,7 +242,7 @@ class Transcriber:
             if parallel == "tp":
                 raise ValueError(
                     f"{directory} is a CTC model (granite_speech5): it has no LLM to split over "
-                    "the ranks; run it with --parallel data"
+                    "the ranks; run it in one process per rank (transcribe --parallel data)"
                 )
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         else:

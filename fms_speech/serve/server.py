@@ -109,11 +109,6 @@ def _load(args: argparse.Namespace, device, parallel: str | None) -> Transcriber
         )
     except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
         raise ValueError(str(error).splitlines()[0]) from None
-    if transcriber.ctc is not None:  # its warm-up, token streaming and metrics assume an LLM
-        raise ValueError(
-            f"{args.model} is a CTC model (granite_speech5): fms-speech serve runs the LLM model "
-            "types only; use fms-speech transcribe or the Python API for it"
-        )
     log.info("loaded in %.1f s", time.perf_counter() - started)
     return transcriber
 
@@ -219,7 +214,7 @@ def _serve(
         transcriber,
         batcher,
         metrics,
-        Limits(name, options),
+        Limits(name, options, ctc=transcriber.ctc is not None),
         api_key=api_key,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
     )
