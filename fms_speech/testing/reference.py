@@ -37,6 +37,7 @@ from fms_speech.models import GraniteSpeech5Config as FmsGraniteSpeech5Config
 from fms_speech.models import GraniteSpeechConfig as FmsGraniteSpeechConfig
 from fms_speech.models import GraniteSpeechPlusConfig as FmsGraniteSpeechPlusConfig
 from fms_speech.models import granite_speech, granite_speech5, granite_speech_plus
+from fms_speech.prompts import CHAT_TEMPLATE
 
 AUDIO_TOKEN = 250
 
@@ -327,13 +328,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # ---- a small tokenizer with a Granite-style chat template, matched to reference_config's ids
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
-    " + '<|end_of_text|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
-)
 SPECIAL_TOKENS = {
     "<|begin_of_text|>": 0,
     "<|end_of_text|>": 1,  # eos, as in reference_config

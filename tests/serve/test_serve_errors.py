@@ -272,4 +272,3 @@ def test_a_client_that_disconnects_frees_its_windows(
     assert after["fms_speech_queued_windows"] == 0 and after["fms_speech_requests_in_flight"] == 0
     assert "client disconnected" in strict.log()
     _still_serves(strict, client, speech_files, expected)
-
