@@ -186,7 +186,7 @@ def _counting_backend(graphs: Counter):
     return backend
 
 
-@pytest.mark.slow
+# not `slow`: the default run keeps this one compiled generation against the reference
 def test_compiled_generation_equals_reference_with_two_graphs_per_phase(setup):
     reference, scaled, model = setup
     torch._dynamo.reset()  # every model instance shares forward's code object and its cache
