@@ -1,4 +1,4 @@
-"""`fms-speech`: the command line (`transcribe`, and `bench` from fms_speech.bench).
+"""`fms-speech`: the command line (`transcribe`, `compile`, and `bench` from fms_speech.bench).
 
 Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
 arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
@@ -42,6 +42,27 @@ def _add_transcribe(commands) -> None:
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
+def _add_compile(commands) -> None:
+    parser = commands.add_parser(
+        "compile",
+        help="precompile a checkpoint for --compile (a warm start in seconds)",
+        description="Export and compile the model's prefill and decode steps ahead of time "
+        "(minutes) into a cache that `transcribe --compile` and the Python API use when they "
+        "find artifacts made for the same checkpoint config, dtype, device, thread count and "
+        "versions; otherwise they compile just in time.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the artifacts go (default: $FMS_SPEECH_CACHE, else ~/.cache/fms-speech); "
+        "transcribe reads $FMS_SPEECH_CACHE",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -55,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_transcribe(commands)
+    _add_compile(commands)
     bench_cli.add_command(commands)
     return parser
 
@@ -159,6 +181,29 @@ def transcribe(args) -> int:
     return EXIT_SOME_FAILED if succeeded else EXIT_NOTHING_RAN
 
 
+def compile_checkpoint(args) -> int:
+    """`fms-speech compile`: the artifacts of one checkpoint, dtype and device."""
+    from fms_speech import aot
+
+    try:
+        transcriber = Transcriber.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        _fail(str(error).splitlines()[0])
+        return EXIT_NOTHING_RAN
+    try:
+        report = aot.prepare(transcriber.model, args.cache_dir, force=args.force)
+    except Exception as error:  # noqa: BLE001  (export/compile errors of any kind: one line)
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        _fail(f"cannot precompile {args.model}: {type(error).__name__}: {message}")
+        return EXIT_NOTHING_RAN
+    if report.reused:
+        print(f"up to date: {report.directory}")
+    else:
+        times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
+        print(f"compiled into {report.directory} ({times})")
+    return EXIT_OK
+
+
 def _quiet_libraries() -> None:
     # the user asked for text; library chatter would bury the one-line errors
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -172,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command == "transcribe":
         return transcribe(args)
+    if args.command == "compile":
+        return compile_checkpoint(args)
     if args.command == "bench":
         return bench_cli.run(args)
     raise AssertionError(f"unhandled command {args.command}")

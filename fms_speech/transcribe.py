@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from fms.models import get_model
 
+from fms_speech.aot import compiled_runner
 from fms_speech.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -33,7 +34,6 @@ from fms_speech.audio import (
     split_audio,
 )
 from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
-from fms_speech.compile import compile_model
 from fms_speech.generation import generate
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
@@ -128,7 +128,8 @@ class Transcriber:
         self.device = device
         self.dtype = dtype
         self.compile = compile
-        self.runner = compile_model(model) if compile else model
+        # precompiled artifacts when `fms-speech compile` made them, else compiled just in time
+        self.runner = compiled_runner(model) if compile else model
 
     @classmethod
     def from_pretrained(
