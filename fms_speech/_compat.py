@@ -11,6 +11,7 @@ from fms.models import granite as _fms_granite
 from fms.models.hf import config_utils as _fms_config_utils
 from fms.utils import generation as _fms_generation
 from torch._dynamo import eval_frame as _dynamo_eval_frame
+from torch._dynamo.utils import counters as _dynamo_counters
 from torch.fx.experimental import _config as _torch_fx_config
 
 # torch's symbolic-shape settings (`backed_size_oblivious`, `use_duck_shape`) that keep one
@@ -44,3 +45,10 @@ extend_padding_kwargs = _fms_generation.__update_padding_kwargs
 # Registering a transformers architecture for `get_model("hf_pretrained", ...)`: ibm-fms 1.13.1
 # keeps the registry module-private and fills it with in-tree models only.
 register_hf_architecture = _fms_config_utils._FMS_MODEL_CONFIG_REGISTRY.register_model_arch_info
+
+
+# How many graphs dynamo has compiled in this process: the server reports it on /metrics to show
+# that no request compiles after the start-up warm-up. torch 2.13 keeps the count in a private
+# module (the same counter torch's own tests read).
+def compiled_graph_count() -> int:
+    return _dynamo_counters["stats"]["unique_graphs"]

@@ -1,4 +1,5 @@
-"""`fms-speech`: the command line (`transcribe`, `compile`, and `bench` from fms_speech.bench).
+"""`fms-speech`: the command line (`transcribe`, `compile`, `eval`, `train`, `serve`, and `bench`
+from fms_speech.bench).
 
 Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
 arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
@@ -13,16 +14,55 @@ import warnings
 from pathlib import Path
 
 from fms_speech.bench import cli as bench_cli
-from fms_speech.transcribe import DTYPES, TranscribeOptions, Transcriber, Transcription
+from fms_speech.serve.server import add_serve_arguments, run_serve
+from fms_speech.transcribe import (
+    DTYPES,
+    SEGMENTATIONS,
+    TranscribeOptions,
+    Transcriber,
+    Transcription,
+)
 from fms_speech.writers import WRITERS, output_formats, write_result
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_RAN = 0, 1, 2
+# the model that ships inside the package (docs/demo-model.md), used when --model is not given
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
+DEMO_NOTICE = (
+    "fms-speech: no --model given: using the built-in demo model, a small Granite Speech trained "
+    "on synthetic English speech (eSpeak NG); pass --model DIR for a real checkpoint"
+)
 
 
 def _add_transcribe(commands) -> None:
     parser = commands.add_parser("transcribe", help="transcribe or translate audio files")
     parser.add_argument("files", nargs="+", metavar="FILE", help="wav, flac, ogg or mp3 files")
-    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    _add_model_arguments(parser)
+    parser.add_argument("--output-format", choices=[*WRITERS, "all"], default="txt")
+    parser.add_argument(
+        "--output-dir", type=Path, help="write FILE's result to DIR/<stem>.<format>; else stdout"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def _add_eval(commands) -> None:
+    parser = commands.add_parser("eval", help="word and character error rates on a manifest")
+    parser.add_argument("manifest", type=Path, help='JSON lines of {"audio": path, "text": ...}')
+    _add_model_arguments(parser)
+    parser.add_argument("--output", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def _add_train(commands) -> None:
+    from fms_speech.train import add_train_arguments
+
+    add_train_arguments(commands.add_parser("train", help="train a Granite Speech model"))
+
+
+def _add_model_arguments(parser) -> None:
+    """The checkpoint, how to run it and what to ask of it (transcribe and eval)."""
+    parser.add_argument(
+        "--model", metavar="DIR", help="checkpoint directory (default: the built-in demo model)"
+    )
     parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -32,14 +72,15 @@ def _add_transcribe(commands) -> None:
     parser.add_argument("--prompt", help="a free instruction instead of the task's")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=200)
     parser.add_argument("--num-beams", type=_positive_int, default=1)
-    parser.add_argument("--output-format", choices=[*WRITERS, "all"], default="txt")
-    parser.add_argument(
-        "--output-dir", type=Path, help="write FILE's result to DIR/<stem>.<format>; else stdout"
-    )
     parser.add_argument("--max-audio-seconds", type=float, help="refuse longer inputs")
     parser.add_argument("--window-seconds", type=float, default=30.0, help="long-audio windows")
     parser.add_argument("--overlap-seconds", type=float, default=1.0)
-    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser.add_argument(
+        "--segmentation",
+        choices=SEGMENTATIONS,
+        default=TranscribeOptions.segmentation,
+        help="long audio: fixed overlapping windows, or speech regions found by silero-vad",
+    )
 
 
 def _add_compile(commands) -> None:
@@ -77,7 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_transcribe(commands)
     _add_compile(commands)
+    _add_eval(commands)
+    _add_train(commands)
     bench_cli.add_command(commands)
+    add_serve_arguments(
+        commands.add_parser("serve", help="an OpenAI-compatible transcription server")
+    )
     return parser
 
 
@@ -152,12 +198,8 @@ def transcribe(args) -> int:
         if clash is not None:
             _fail(f"an output would overwrite the input {clash}; choose another --output-dir")
             return EXIT_NOTHING_RAN
-    try:
-        transcriber = Transcriber.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, compile=args.compile
-        )
-    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
-        _fail(str(error).splitlines()[0])
+    transcriber = _load(args)
+    if transcriber is None:
         return EXIT_NOTHING_RAN
     metadata = {
         "model": str(args.model),
@@ -204,6 +246,53 @@ def compile_checkpoint(args) -> int:
     return EXIT_OK
 
 
+def _load(args) -> Transcriber | None:
+    """The checkpoint of --model (the demo model without it); None after a one-line error."""
+    if args.model is None:
+        print(DEMO_NOTICE, file=sys.stderr)
+        args.model = str(DEMO_MODEL)
+    try:
+        return Transcriber.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, compile=args.compile
+        )
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        _fail(str(error).splitlines()[0])
+        return None
+
+
+def evaluate(args) -> int:
+    from fms_speech.evaluate import evaluate as evaluate_manifest
+    from fms_speech.train_data import ManifestError, read_manifest
+
+    try:
+        options = options_from(args)
+        read_manifest(args.manifest)  # a bad manifest fails before the model loads
+    except ValueError as error:  # ManifestError is a ValueError
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    transcriber = _load(args)
+    if transcriber is None:
+        return EXIT_NOTHING_RAN
+    try:
+        report = evaluate_manifest(transcriber, args.manifest, options)
+    except (ManifestError, ValueError) as error:
+        _fail(str(error).splitlines()[0])
+        return EXIT_NOTHING_RAN
+    for score in report.files:
+        if score.error is not None:
+            _fail(score.error)
+    print(report.table(), end="")
+    if args.output is not None:
+        try:
+            args.output.write_text(report.to_json())
+        except OSError as error:
+            _fail(f"cannot write {args.output}: {error.strerror or error}")
+            return EXIT_SOME_FAILED
+    if report.failed == len(report.files):
+        return EXIT_NOTHING_RAN
+    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+
+
 def _quiet_libraries() -> None:
     # the user asked for text; library chatter would bury the one-line errors
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -219,8 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         return transcribe(args)
     if args.command == "compile":
         return compile_checkpoint(args)
+    if args.command == "eval":
+        return evaluate(args)
+    if args.command == "train":
+        from fms_speech.train import run_train
+
+        return run_train(args)
     if args.command == "bench":
         return bench_cli.run(args)
+    if args.command == "serve":
+        return run_serve(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -13,7 +13,7 @@ one. Log-probs are those of our logits, which are already divided by logits_scal
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,10 @@ class GenerationOutput:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int  # decode forward calls
+    # per row: the mean log-probability of the generated tokens, eos included (the sequence
+    # score with length_penalty 1), and the probability that the first token is eos
+    mean_logprobs: list[float]
+    first_eos_probs: list[float]
 
 
 class _Greedy:
@@ -41,15 +45,25 @@ class _Greedy:
         self.eos, self.pad = eos, pad
         self.tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.logprob_sums = torch.zeros(batch, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.steps = 0
 
     def advance(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next input token per row, and None: no beam reordering."""
-        chosen = torch.where(self.finished, self.pad, logits.argmax(dim=-1))
+        best = logits.argmax(dim=-1)
+        logprobs = F.log_softmax(logits.float(), dim=-1).gather(1, best[:, None])[:, 0]
+        running = ~self.finished
+        self.logprob_sums += torch.where(running, logprobs, 0.0)
+        self.lengths += running.long()
+        chosen = torch.where(self.finished, self.pad, best)
         self.tokens[:, self.steps] = chosen
         self.finished |= chosen == self.eos
         self.steps += 1
         return chosen, None
+
+    def mean_logprobs(self) -> list[float]:
+        return (self.logprob_sums / self.lengths.clamp(min=1)).tolist()
 
     def done(self) -> bool:
         return self.steps == self.tokens.shape[1] or bool(self.finished.all())
@@ -140,6 +154,11 @@ class _BeamSearch:
     def done(self) -> bool:
         return self.all_stopped or not bool(self.improvable.any())
 
+    def mean_logprobs(self) -> list[float]:
+        # a finished score is sum(log p) / length ** length_penalty
+        lengths = self.finished_lengths[:, 0].float()
+        return (self.finished_scores[:, 0] * lengths ** (self.length_penalty - 1)).tolist()
+
     def sequences(self) -> list[list[int]]:
         best_tokens = self.finished_tokens[:, 0].tolist()
         lengths = self.finished_lengths[:, 0].tolist()
@@ -180,16 +199,20 @@ def generate(
     pad_token_id: int = 0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> GenerationOutput:
     """Generate up to max_new_tokens per prompt: greedy, or beam search with num_beams > 1.
 
     model: a GraniteSpeech, or `fms_speech.compile.compile_model(model)`. prompts: token ids
     with the `<|audio|>` placeholders already expanded; row b's clip is input_features[b]
     (feature_lengths[b] valid frames). The audio LoRA is on for every row when features are
-    given, off otherwise.
+    given, off otherwise. on_tokens (greedy only): called after each step with the token chosen
+    per row (pad for rows already finished), e.g. to stream text as it is written.
     """
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError("num_beams and max_new_tokens must be at least 1")
+    if on_tokens is not None and num_beams > 1:
+        raise ValueError("on_tokens reports greedy steps; beams are only known at the end")
     device = _model_device(model)
     prompt_tensors = [torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts]
     input_ids, padding_kwargs = fms_generation.pad_input_ids(
@@ -212,6 +235,11 @@ def generate(
         )
         _synchronize(device)
         prefill_seconds = time.perf_counter() - start
+        first_eos_probs = (
+            F.softmax(logits[:, -1].float(), dim=-1)[:, eos_token_id].tolist()
+            if eos_token_id >= 0  # -1: no token ends a sequence
+            else [0.0] * batch
+        )
 
         start = time.perf_counter()
         # one row per beam; the copy also gives the cache the layout of every later step (the
@@ -227,17 +255,26 @@ def generate(
             logits = logits.index_select(0, beam_rows)
             lora_gate = lora_gate.index_select(0, beam_rows)
             padding_kwargs = {k: v.index_select(0, beam_rows) for k, v in padding_kwargs.items()}
-        decode_steps = _decode(model, search, logits, cache, lora_gate, padding_kwargs)
+        decode_steps = _decode(model, search, logits, cache, lora_gate, padding_kwargs, on_tokens)
         _synchronize(device)
         decode_seconds = time.perf_counter() - start
-    return GenerationOutput(search.sequences(), prefill_seconds, decode_seconds, decode_steps)
+    return GenerationOutput(
+        search.sequences(),
+        prefill_seconds,
+        decode_seconds,
+        decode_steps,
+        search.mean_logprobs(),
+        first_eos_probs,
+    )
 
 
-def _decode(model, search, logits, cache, lora_gate, padding_kwargs) -> int:
+def _decode(model, search, logits, cache, lora_gate, padding_kwargs, on_tokens) -> int:
     """One-token steps until the search is done; returns the number of model calls."""
     steps = 0
     while True:
         tokens, beam_source = search.advance(logits[:, -1])
+        if on_tokens is not None:
+            on_tokens(tokens.tolist())
         if search.done():
             return steps
         if beam_source is not None:

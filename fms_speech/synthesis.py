@@ -12,6 +12,9 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # return an error instead of exiting the process
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
+# espeak_PARAMETER values (speak_lib.h)
+_RATE, _PITCH, _RANGE = 1, 3, 4
+DEFAULT_RATE, DEFAULT_PITCH, DEFAULT_RANGE = 175, 50, 50  # words per minute, 0-99, 0-99
 _SYNTH_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
 )
@@ -39,6 +42,7 @@ class _Engine:
             ctypes.c_int,
         ]
         self.library.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.library.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.library.espeak_Synth.argtypes = [
             ctypes.c_char_p,
             ctypes.c_size_t,
@@ -64,9 +68,13 @@ class _Engine:
             self.chunks.append(np.ctypeslib.as_array(samples, shape=(count,)).copy())
         return 0  # continue
 
-    def synthesize(self, text: str, voice: str) -> np.ndarray:
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int):
         if self.library.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        # set every call: the engine is shared, a previous caller's settings must not leak
+        for parameter, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
+            if self.library.espeak_SetParameter(parameter, int(value), 0) != 0:
+                raise ValueError(f"eSpeak NG refused parameter {parameter} = {value}")
         self.chunks = []
         encoded = text.encode()
         status = self.library.espeak_Synth(
@@ -82,10 +90,20 @@ def _engine() -> _Engine:
     return _Engine()
 
 
-def synthesize(text: str, voice: str = "en") -> tuple[np.ndarray, int]:
-    """Speak `text`: mono float32 samples in [-1, 1] and their sample rate (22050 Hz)."""
+def synthesize(
+    text: str,
+    voice: str = "en",
+    rate: int = DEFAULT_RATE,
+    pitch: int = DEFAULT_PITCH,
+    pitch_range: int = DEFAULT_RANGE,
+) -> tuple[np.ndarray, int]:
+    """Speak `text`: mono float32 samples in [-1, 1] and their sample rate (22050 Hz).
+
+    voice: a language with an optional variant, e.g. "en-US+f2"; rate in words per minute
+    (80-450); pitch and pitch_range 0-99.
+    """
     engine = _engine()
-    samples = engine.synthesize(text, voice)
+    samples = engine.synthesize(text, voice, rate, pitch, pitch_range)
     return samples.astype(np.float32) / 32768, engine.sample_rate
 
 

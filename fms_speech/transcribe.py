@@ -41,6 +41,7 @@ from fms_speech.stitch import stitch
 AudioInput = str | Path | np.ndarray | torch.Tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGES = ("load", "features", "prefill", "decode")
+SEGMENTATIONS = ("fixed", "vad")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class TranscribeOptions:
     window_seconds: float = 30.0  # long audio is cut into windows of at most this
     overlap_seconds: float = 1.0  # shared by consecutive windows, for stitching
     max_audio_seconds: float | None = None  # longer inputs fail; None: no limit
+    # fixed: overlapping windows cut at quiet points, texts stitched; vad: speech regions
+    # found by silero-vad, each its own segment (fms_speech.vad)
+    segmentation: str = "fixed"
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.num_beams < 1:
@@ -69,6 +73,10 @@ class TranscribeOptions:
             raise ValueError("the overlap must be at least 0 s and below half the window")
         if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
             raise ValueError("the longest audio allowed must be more than 0 s")
+        if self.segmentation not in SEGMENTATIONS:
+            raise ValueError(
+                f"unknown segmentation {self.segmentation!r}: choose {' or '.join(SEGMENTATIONS)}"
+            )
         self.instruction()  # a PromptError (a ValueError) for a bad task or language
 
     def instruction(self) -> str:
@@ -81,6 +89,10 @@ class Segment:
     start: float  # seconds
     end: float
     text: str
+    # what the model generated for the segment's window (its seam words included)
+    tokens: list[int] = field(default_factory=list)
+    avg_logprob: float = 0.0  # per generated token, eos included
+    no_speech_prob: float = 0.0  # the model's probability of an empty answer (eos first)
 
 
 @dataclass
@@ -96,22 +108,45 @@ class Transcription:
 
 @dataclass
 class _Window:
-    owner: int  # index of its input
+    owner: "_Pending"  # the input it is a part of
     start: int  # samples
     end: int
-    waveform: torch.Tensor
+    waveform: torch.Tensor | None  # None once it has run
     text: str = ""
+    tokens: list[int] = field(default_factory=list)  # generated ids, eos excluded
+    mean_logprob: float = 0.0  # per generated token, eos included
+    first_eos_prob: float = 0.0  # the model's probability of an empty answer
 
 
 @dataclass
 class _Pending:
+    """An input cut into windows, waiting for them to run: windows of different inputs (with
+    different options and prompts) may share a model call if num_beams and max_new_tokens agree.
+    """
+
     result: Transcription
-    windows: list[_Window]
-    remaining: int
+    options: TranscribeOptions
+    template: str  # the chat-templated prompt of every window of this input
+    windows: list[_Window] = field(default_factory=list)
+    remaining: int = 0
+
+    @property
+    def stitched(self) -> bool:
+        """Overlapping windows whose texts are stitched (fixed segmentation)."""
+        return self.options.segmentation == "fixed"
 
 
 def _source_name(item: AudioInput, index: int) -> str:
     return str(item) if isinstance(item, (str, Path)) else f"array {index}"
+
+
+def segment_ranges(waveform: torch.Tensor, options: TranscribeOptions) -> list[tuple[int, int]]:
+    """The (start, end) sample ranges of `waveform` that run through the model as windows."""
+    if options.segmentation == "vad":
+        from fms_speech.vad import speech_regions
+
+        return speech_regions(waveform, options.window_seconds)
+    return split_audio(waveform, options.window_seconds, options.overlap_seconds)
 
 
 def resolve_options(options: TranscribeOptions | None, **overrides) -> TranscribeOptions:
@@ -203,9 +238,8 @@ class Transcriber:
         with keyword `overrides` of its fields, e.g. `stream(files, batch_size=4)`.
         """
         options = resolve_options(options, **overrides)
-        template = chat_text(self.tokenizer, options.instruction())
         single = isinstance(inputs, (str, Path, np.ndarray, torch.Tensor))
-        return self._stream([inputs] if single else inputs, options, template, sample_rate)
+        return self._stream([inputs] if single else inputs, options, sample_rate)
 
     # ---- streaming windows through the model
 
@@ -214,80 +248,93 @@ class Transcriber:
             return load_audio(item)
         return prepare_waveform(item, sample_rate)
 
+    def prepare(
+        self, result: Transcription, waveform: torch.Tensor, options: TranscribeOptions
+    ) -> _Pending:
+        """Cut a loaded input into windows for `run_windows`; AudioError if it is too long."""
+        result.duration = waveform.numel() / SAMPLE_RATE
+        limit = options.max_audio_seconds
+        if limit is not None and result.duration > limit:
+            raise AudioError(
+                f"Cannot transcribe '{result.source}': it is {result.duration:.1f} s "
+                f"long, more than the {limit:g} s allowed (--max-audio-seconds)."
+            )
+        entry = _Pending(result, options, chat_text(self.tokenizer, options.instruction()))
+        ranges = segment_ranges(waveform, options)  # none when VAD finds no speech
+        entry.windows = [_Window(entry, start, end, waveform[start:end]) for start, end in ranges]
+        entry.remaining = len(entry.windows)
+        return entry
+
+    def run_windows(self, batch: list[_Window], on_tokens=None) -> list[_Pending]:
+        """Run windows (of any inputs) in one model call; return the inputs this batch finished.
+
+        A failed call (e.g. out of memory) records its error in the inputs it touched only.
+        on_tokens: see `generate` (greedy only; rows in the order of `batch`).
+        """
+        try:
+            timings = self._generate(batch, on_tokens)
+        except (RuntimeError, ValueError) as error:
+            timings = {}
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            for window in batch:
+                result = window.owner.result
+                result.error = f"{result.source}: transcription failed: {message}"
+        finished = []
+        for window in batch:
+            entry = window.owner
+            for stage, seconds in timings.items():
+                entry.result.timings[stage] += seconds / len(batch)
+            entry.remaining -= 1
+            window.waveform = None  # the batch is done with it
+            if entry.remaining == 0:
+                finished.append(entry)
+        return finished
+
     def _stream(
         self,
         items: Iterable[AudioInput],
         options: TranscribeOptions,
-        template: str,
         sample_rate: int,
     ) -> Iterator[Transcription]:
-        pending: dict[int, _Pending] = {}
         queue: list[_Window] = []
         for index, item in enumerate(items):
             result = Transcription(_source_name(item, index), index)
             result.timings = dict.fromkeys(STAGES, 0.0)
             started = time.perf_counter()
             try:
-                waveform = self._load(item, sample_rate)
-                result.duration = waveform.numel() / SAMPLE_RATE
-                limit = options.max_audio_seconds
-                if limit is not None and result.duration > limit:
-                    raise AudioError(
-                        f"Cannot transcribe '{result.source}': it is {result.duration:.1f} s "
-                        f"long, more than the {limit:g} s allowed (--max-audio-seconds)."
-                    )
+                entry = self.prepare(result, self._load(item, sample_rate), options)
             except AudioError as error:
                 result.error = str(error)
                 yield result
                 continue
             result.timings["load"] = time.perf_counter() - started
-            ranges = split_audio(waveform, options.window_seconds, options.overlap_seconds)
-            windows = [_Window(index, start, end, waveform[start:end]) for start, end in ranges]
-            pending[index] = _Pending(result, windows, len(windows))
-            queue.extend(windows)
+            if not entry.windows:  # no speech found: an empty transcript
+                yield assemble(entry)
+                continue
+            queue.extend(entry.windows)
             while len(queue) >= options.batch_size:
                 batch, queue = queue[: options.batch_size], queue[options.batch_size :]
-                yield from self._run(batch, pending, options, template)
+                yield from map(assemble, self.run_windows(batch))
         while queue:
             batch, queue = queue[: options.batch_size], queue[options.batch_size :]
-            yield from self._run(batch, pending, options, template)
-
-    def _run(
-        self,
-        batch: list[_Window],
-        pending: dict[int, _Pending],
-        options: TranscribeOptions,
-        template: str,
-    ) -> Iterator[Transcription]:
-        try:
-            timings = self._generate(batch, options, template)
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory: fail these inputs only
-            timings = {}
-            for window in batch:
-                message = str(error).splitlines()[0] if str(error) else type(error).__name__
-                pending[
-                    window.owner
-                ].result.error = (
-                    f"{pending[window.owner].result.source}: transcription failed: {message}"
-                )
-        for window in batch:
-            entry = pending[window.owner]
-            for stage, seconds in timings.items():
-                entry.result.timings[stage] += seconds / len(batch)
-            entry.remaining -= 1
-            window.waveform = None  # the batch is done with it
-            if entry.remaining == 0:
-                del pending[window.owner]
-                yield _assemble(entry)
+            yield from map(assemble, self.run_windows(batch))
 
     @torch.inference_mode()
-    def _generate(
-        self, batch: list[_Window], options: TranscribeOptions, template: str
-    ) -> dict[str, float]:
+    def _generate(self, batch: list[_Window], on_tokens=None) -> dict[str, float]:
+        options = batch[0].owner.options
+        if any(
+            (w.owner.options.num_beams, w.owner.options.max_new_tokens)
+            != (options.num_beams, options.max_new_tokens)
+            for w in batch
+        ):
+            raise ValueError("windows of one model call must share num_beams and max_new_tokens")
         started = time.perf_counter()
         features, feature_lengths = log_mel([window.waveform.to(self.device) for window in batch])
         counts = self.model.audio_token_counts(features, feature_lengths).tolist()
-        prompts = [prompt_ids(self.tokenizer, template, n) for n in counts]
+        prompts = [
+            prompt_ids(self.tokenizer, window.owner.template, n)
+            for window, n in zip(batch, counts, strict=True)
+        ]
         features_seconds = time.perf_counter() - started
         output = generate(
             self.runner,
@@ -298,9 +345,15 @@ class Transcriber:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=_pad_id(self.tokenizer),
             num_beams=options.num_beams,
+            on_tokens=on_tokens,
         )
-        for window, sequence in zip(batch, output.sequences, strict=True):
+        for window, sequence, mean_logprob, first_eos_prob in zip(
+            batch, output.sequences, output.mean_logprobs, output.first_eos_probs, strict=True
+        ):
             window.text = self.tokenizer.decode(sequence, skip_special_tokens=True).strip()
+            window.tokens = sequence
+            window.mean_logprob = mean_logprob
+            window.first_eos_prob = first_eos_prob
         return {
             "features": features_seconds,
             "prefill": output.prefill_seconds,
@@ -312,17 +365,31 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _assemble(entry: _Pending) -> Transcription:
-    """Join a finished input's windows: stitched text, one segment per window."""
+def assemble(entry: _Pending) -> Transcription:
+    """Join a finished input's windows: stitched text, one segment per window that says something."""
     result, windows = entry.result, entry.windows
-    shares = stitch([window.text for window in windows])
-    # a segment runs from the middle of one overlap to the middle of the next
-    bounds = [windows[0].start]
-    bounds += [(left.end + right.start) / 2 for left, right in itertools.pairwise(windows)]
-    bounds += [windows[-1].end]
+    if not windows:
+        shares, spans = [], []
+    elif entry.stitched:
+        shares = stitch([window.text for window in windows])
+        # a segment runs from the middle of one overlap to the middle of the next
+        bounds = [windows[0].start]
+        bounds += [(left.end + right.start) / 2 for left, right in itertools.pairwise(windows)]
+        bounds += [windows[-1].end]
+        spans = list(itertools.pairwise(bounds))
+    else:  # disjoint speech regions: each is its own segment, where it really is
+        shares = [window.text for window in windows]
+        spans = [(window.start, window.end) for window in windows]
     result.segments = [
-        Segment(start / SAMPLE_RATE, end / SAMPLE_RATE, text)
-        for start, end, text in zip(bounds[:-1], bounds[1:], shares, strict=True)
+        Segment(
+            start / SAMPLE_RATE,
+            end / SAMPLE_RATE,
+            text,
+            window.tokens,
+            window.mean_logprob,
+            window.first_eos_prob,
+        )
+        for (start, end), text, window in zip(spans, shares, windows, strict=True)
         if text
     ]
     result.text = " ".join(segment.text for segment in result.segments)

@@ -218,3 +218,38 @@ def test_compiled_generation_equals_reference_with_one_graph_per_phase(setup):
     kwargs["num_beams"] = 3
     assert two.ours(compiled, **kwargs).sequences == two.references(scaled, **kwargs)
     assert graphs == {"prefill": 1, "decode": 1}
+
+
+def test_mean_logprobs_and_first_eos_probability_are_the_references(setup):
+    """What verbose_json reports per segment: the scaled reference's own log-probabilities."""
+    _, scaled, model = setup
+    clips = Clips(model, _frames(model), seed=6)
+    greedy = clips.references(scaled, max_new_tokens=MAX_NEW_TOKENS)
+    eos = greedy[1][MAX_NEW_TOKENS // 3]  # row 1 stops early: its eos counts, pads do not
+    output = clips.ours(model, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)
+    for row in range(len(clips)):
+        ids = torch.tensor([clips.prompts[row]])
+        with torch.no_grad():
+            reference = scaled.generate(
+                input_ids=ids,
+                input_features=clips.clips[row][None],
+                input_features_mask=torch.ones(1, clips.counts[row], dtype=torch.bool),
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=PAD,
+                max_new_tokens=MAX_NEW_TOKENS,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        tokens = reference.sequences[0, ids.shape[1] :]
+        logprobs = torch.stack(
+            [
+                torch.log_softmax(s[0].float(), -1)[t]
+                for s, t in zip(reference.scores, tokens, strict=True)
+            ]
+        )
+        assert output.mean_logprobs[row] == pytest.approx(logprobs.mean().item(), abs=1e-4)
+        first = torch.softmax(reference.scores[0][0].float(), -1)[eos].item()
+        assert output.first_eos_probs[row] == pytest.approx(first, abs=1e-5)
+    assert len(output.sequences[1]) < MAX_NEW_TOKENS - 1  # the early stop was exercised

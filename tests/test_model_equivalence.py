@@ -92,3 +92,73 @@ def test_placeholder_mismatch_names_both_counts(checkpoints):
     ids = torch.tensor([prompt_ids(count - 1)])
     with pytest.raises(ValueError, match=f"{count - 1} <\\|audio\\|> tokens.*{count} audio tokens"):
         model(ids, input_features=features)
+
+
+# ---- the shipped demo model (trained weights; under-trained so far: docs/demo-model.md)
+
+
+@pytest.fixture(scope="module")
+def demo_pair():
+    """(fms-speech model, reference with its PEFT adapter, tokenizer) of the demo checkpoint."""
+    from fms.models import get_model
+    from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+
+    from fms_speech.cli import DEMO_MODEL
+
+    model = get_model("hf_pretrained", model_path=str(DEMO_MODEL)).eval()
+    reference = GraniteSpeechForConditionalGeneration.from_pretrained(DEMO_MODEL).eval()
+    assert list(reference.peft_config) == ["default"]  # transformers loaded the adapter
+    return model, reference, AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def _demo_clips():
+    from fms_speech.audio import log_mel
+    from fms_speech.demo_recipe import held_out_sentences, speak
+
+    texts = held_out_sentences(3)
+    return [log_mel([torch.from_numpy(speak(text))]) for text in texts]
+
+
+def test_demo_model_matches_reference_logits_and_greedy_tokens(demo_pair):
+    from transformers import GenerationMixin
+
+    from fms_speech.generation import generate
+    from fms_speech.prompts import chat_text, instruction
+    from fms_speech.prompts import prompt_ids as chat_prompt_ids
+
+    model, reference, tokenizer = demo_pair
+    template = chat_text(tokenizer, instruction())
+    scaling = reference.config.text_config.logits_scaling
+    clips = _demo_clips()
+    for features, lengths in clips:
+        count = int(model.audio_token_counts(features, lengths).item())
+        ids = torch.tensor([chat_prompt_ids(tokenizer, template, count)])
+        with torch.no_grad():
+            ours = model(ids, input_features=features, feature_lengths=lengths)
+            theirs = reference(input_ids=ids, input_features=features).logits / scaling
+            # GenerationMixin's generate: GraniteSpeech's own only toggles the adapter (on, as
+            # loaded, for audio), through an API that wants peft >= 0.22
+            expected = GenerationMixin.generate(
+                reference,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                input_features=features,
+                input_features_mask=torch.ones(1, count, dtype=torch.bool),
+                max_new_tokens=40,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
+        assert relative_error(ours, theirs) <= TOLERANCE
+        output = generate(
+            model,
+            [ids[0].tolist()],
+            features,
+            lengths,
+            max_new_tokens=40,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        eos = tokenizer.eos_token_id
+        expected = expected[: expected.index(eos)] if eos in expected else expected
+        assert output.sequences[0] == expected

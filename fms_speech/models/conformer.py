@@ -223,6 +223,12 @@ class ConformerEncoder(nn.Module):
     def forward(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.forward_with_ctc(input_features, feature_lengths)[0]
+
+    def forward_with_ctc(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states and the mid-layer CTC logits (`out` head; None with one layer)."""
         num_frames = input_features.shape[1]
         if feature_lengths is None:
             feature_lengths = full_lengths(input_features)
@@ -230,8 +236,10 @@ class ConformerEncoder(nn.Module):
         x = self.input_linear(input_features)
         # self-conditioned CTC after block num_layers // 2 (1-based), as trained
         mid_layer = self.config.num_layers // 2 - 1
+        mid_logits = None
         for index, layer in enumerate(self.layers):
             x = layer(x, frame_valid)
             if index == mid_layer:
-                x = x + self.out_mid(torch.softmax(self.out(x), dim=-1))
-        return x
+                mid_logits = self.out(x)
+                x = x + self.out_mid(torch.softmax(mid_logits, dim=-1))
+        return x, mid_logits

@@ -537,3 +537,108 @@ def _check_shapes(sd: Mapping[str, Any], config: GraniteSpeechConfig):
 
 serialization.register_adapter_step(_architecture_name, "hf_to_fms", _hf_to_fms)
 serialization.register_adapter(_architecture_name, "hf", ["hf_to_fms"])
+
+
+# ---- ours -> transformers 5.x names + a PEFT adapter (the inverse of _hf_to_fms)
+
+# applied in order; the encoder's and the projector's rules never see each other's keys
+_AUDIO_RULES_TO_HF = {
+    "encoder.": [
+        (r"^encoder\.layers\.(\d+)\.(ff[12])\.mlp\.w1\.", r"encoder.layers.\1.\2.up_proj."),
+        (r"^encoder\.layers\.(\d+)\.(ff[12])\.mlp\.w2\.", r"encoder.layers.\1.\2.down_proj."),
+        (
+            r"^encoder\.layers\.(\d+)\.conv\.depth_conv\.",
+            r"encoder.layers.\1.conv.depth_conv.conv.",
+        ),
+    ],
+    "projector.": [
+        (r"^projector\.query_norm\.", "projector.qformer.layernorm."),
+        (r"^projector\.layers\.", "projector.qformer.encoder.layer."),
+        (r"\.self_attention\.dense\.", ".attention.output.dense."),
+        (r"\.self_attention\.layer_norm\.", ".attention.output.LayerNorm."),
+        (r"\.self_attention\.", ".attention.attention."),
+        (r"\.cross_attention\.dense\.", ".crossattention.output.dense."),
+        (r"\.cross_attention\.layer_norm\.", ".crossattention.output.LayerNorm."),
+        (r"\.cross_attention\.", ".crossattention.attention."),
+        (r"\.mlp\.w1\.", ".intermediate_query.dense."),
+        (r"\.mlp\.w2\.", ".output_query.dense."),
+        (r"\.mlp_norm\.", ".output_query.LayerNorm."),
+    ],
+}
+_FMS_LLM_LAYER = re.compile(r"^language_model\.base_model\.layers\.(\d+)\.(.+)$")
+_FMS_LLM_LAYER_NAMES = {
+    "ln.weight": "input_layernorm.weight",
+    "ff_ln.weight": "post_attention_layernorm.weight",
+    "attn.dense.weight": "self_attn.o_proj.weight",
+    "ff_sub_layer.w2.weight": "mlp.down_proj.weight",
+}
+_FMS_LORA = re.compile(r"^attn\.in_proj\.lora_([qv])_([ab])$")
+
+
+def _fms_to_hf_rope(tensor: torch.Tensor, head_size: int) -> torch.Tensor:
+    """Undo FMS's RoPE row permutation (`granite_hf_to_fms_rope`) of a q or k projection."""
+    heads = tensor.shape[0] // head_size
+    return tensor.view(heads, -1, 2, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+
+
+def fms_to_hf(
+    state_dict: Mapping[str, torch.Tensor], config: GraniteSpeechConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our state dict as transformers' GraniteSpeechForConditionalGeneration (5.x names) and
+    the PEFT adapter (`adapter_model.safetensors` keys, alpha / r unfolded from B).
+
+    The inverse of the `hf` adapter: the fused QKV and gate/up projections are split, q and k
+    rows (and the LoRA's q B rows) get HF's RoPE order back. A tied LM head is left out.
+    """
+    text = config.text_config
+    head_size = text.emb_dim // text.nheads  # what FMS's RoPE step permutes by
+    q_rows, kv_rows = text.nheads * text.head_dim, text.kvheads * text.head_dim
+    base, adapter = {}, {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().contiguous()
+        prefix = next((p for p in _AUDIO_RULES_TO_HF if name.startswith(p)), None)
+        if prefix is not None:
+            for pattern, replacement in _AUDIO_RULES_TO_HF[prefix]:
+                name = re.sub(pattern, replacement, name)
+            base[f"model.{name}"] = tensor
+            continue
+        if name == "language_model.head.weight":
+            if not text.tie_heads:
+                base["lm_head.weight"] = tensor
+            continue
+        if name == "language_model.base_model.embedding.weight":
+            base["model.language_model.embed_tokens.weight"] = tensor
+            continue
+        if name == "language_model.base_model.dec_norm.weight":
+            base["model.language_model.norm.weight"] = tensor
+            continue
+        match = _FMS_LLM_LAYER.match(name)
+        if match is None:
+            if name.startswith("language_model.base_model.rot_emb"):
+                continue  # RoPE tables are computed, not stored
+            raise ValueError(f"no transformers name for {name}")
+        layer, rest = match.groups()
+        hf_layer = f"model.language_model.layers.{layer}"
+        lora = _FMS_LORA.match(rest)
+        if rest in _FMS_LLM_LAYER_NAMES:
+            base[f"{hf_layer}.{_FMS_LLM_LAYER_NAMES[rest]}"] = tensor
+        elif rest == "attn.in_proj.qkv_fused.weight":
+            q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
+            base[f"{hf_layer}.self_attn.q_proj.weight"] = _fms_to_hf_rope(q, head_size)
+            base[f"{hf_layer}.self_attn.k_proj.weight"] = _fms_to_hf_rope(k, head_size)
+            base[f"{hf_layer}.self_attn.v_proj.weight"] = v.contiguous()
+        elif rest == "ff_sub_layer.wg1_fused.weight":
+            gate, up = tensor.chunk(2)
+            base[f"{hf_layer}.mlp.gate_proj.weight"] = gate.contiguous()
+            base[f"{hf_layer}.mlp.up_proj.weight"] = up.contiguous()
+        elif lora is not None:
+            proj, ab = lora.groups()
+            if ab == "b":
+                tensor = tensor / (config.lora_alpha / config.lora_rank)
+                if proj == "q":
+                    tensor = _fms_to_hf_rope(tensor, head_size)
+            key = f"{_PEFT_PREFIX}{hf_layer}.self_attn.{proj}_proj.lora_{ab.upper()}.weight"
+            adapter[key] = tensor.contiguous()
+        else:
+            raise ValueError(f"no transformers name for {name}")
+    return base, adapter

@@ -1,0 +1,221 @@
+"""`fms-speech train`: a tiny model's loss falls, resuming replays the same batches, the saved
+hub-layout checkpoint loads in fms-speech and in the reference (transformers + peft) with equal
+logits (1e-4); the compiled step's graph count (a strict expected failure for now).
+"""
+
+import json
+import random
+
+import peft
+import pytest
+import torch
+from fms.models import get_model
+from fms.models.granite import GraniteConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch._dynamo.utils import counters
+from transformers import AutoTokenizer, GraniteSpeechForConditionalGeneration
+
+from fms_speech import demo_recipe
+from fms_speech.export import save_pretrained
+from fms_speech.models.conformer import ConformerConfig
+from fms_speech.models.granite_speech import GraniteSpeechConfig
+from fms_speech.models.qformer import QFormerConfig
+from fms_speech.prompts import chat_text, instruction, prompt_ids
+from fms_speech.testing.reference import relative_error
+from fms_speech.train import TrainOptions, new_model, train
+from fms_speech.train_data import CTC_ALPHABET, Augmentation, SynthesizedSpeech, Voices
+
+TOLERANCE = 1e-4
+WORDS = ("one", "two", "three", "four", "five", "red", "green", "blue")
+
+
+def tiny_config(vocab_size: int, audio_token_index: int) -> GraniteSpeechConfig:
+    return GraniteSpeechConfig(
+        encoder_config=ConformerConfig(
+            num_layers=2,
+            hidden_dim=32,
+            feedforward_mult=2,
+            num_heads=2,
+            dim_head=16,
+            output_dim=len(CTC_ALPHABET) + 1,
+            context_size=20,
+            max_pos_emb=20,
+            conv_kernel_size=5,
+        ),
+        projector_config=QFormerConfig(
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            output_size=48,
+        ),
+        text_config=GraniteConfig(
+            src_vocab_size=vocab_size,
+            emb_dim=48,
+            nheads=4,
+            head_dim=12,
+            kvheads=2,
+            nlayers=2,
+            hidden_grow_factor=2.0,
+            multiple_of=1,
+            max_expected_seq_len=1024,
+            rope_theta=10_000.0,
+            tie_heads=False,
+            embedding_multiplier=2.0,
+            logits_scaling=4.0,
+            residual_multiplier=0.5,
+            attention_multiplier=12**-0.5,
+        ),
+        audio_token_index=audio_token_index,
+        lora_rank=4,
+        lora_alpha=8.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(4)) for _ in range(200)]
+    return demo_recipe.build_tokenizer(texts + ["user assistant", instruction()], vocab_size=96)
+
+
+def _source():
+    def text(rng):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
+
+    voices = Voices(voices=("en", "en-US+f2"), rate=(260, 320))
+    return SynthesizedSpeech(text, voices, Augmentation(pad_seconds=(0.0, 0.1)), seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, tmp_path_factory):
+    """A tiny model trained for 30 eager steps; (model, result, output dir)."""
+    directory = tmp_path_factory.mktemp("trained")
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
+    model = new_model(config, seed=0)
+    options = TrainOptions(
+        steps=30,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        save_every=10,
+        workers=0,
+        pool_batches=4,
+        compile=False,
+    )
+    result = train(model, tokenizer, _source(), options, directory, progress=False)
+    return model, result, directory
+
+
+def test_training_loss_falls_and_saves(trained):
+    _, result, directory = trained
+    assert result.steps == 30
+    first, last = result.losses[:5], result.losses[-5:]
+    # measured: the last five steps average 0.75 of the first five (7.41 -> 5.53)
+    assert sum(last) / 5 < 0.85 * sum(first) / 5, result.losses
+    assert sum(result.cross_entropy[-5:]) < sum(result.cross_entropy[:5])
+    assert sum(result.ctc[-5:]) < sum(result.ctc[:5])
+    assert (directory / "training_state.pt").is_file()
+    assert json.loads((directory / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the compiled training step specialises the token length: a graph per prompt + "
+    "transcript length (docs/demo-model.md)",
+)
+def test_compiled_training_step_is_one_graph(tokenizer, tmp_path):
+    """Two compiled steps on batches of different audio and token lengths: one graph."""
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
+    model = new_model(config, seed=0)
+    options = TrainOptions(steps=2, batch_size=4, warmup_steps=1, workers=0, pool_batches=2)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    result = train(model, tokenizer, _source(), options, tmp_path, progress=False)
+    assert result.steps == 2
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert graphs == 1, f"{graphs} graphs compiled"
+
+
+def _resumed_losses(tokenizer, directory, steps, resume):
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
+    model = new_model(config, seed=0)
+    options = TrainOptions(
+        steps=steps,
+        batch_size=3,
+        warmup_steps=2,
+        save_every=2,
+        compile=False,
+        workers=0,
+        pool_batches=2,
+    )
+    return train(model, tokenizer, _source(), options, directory, resume=resume, progress=False)
+
+
+def test_resume_continues_with_the_same_batches_and_weights(tokenizer, tmp_path):
+    whole = _resumed_losses(tokenizer, tmp_path / "whole", 4, resume=False)
+    _resumed_losses(tokenizer, tmp_path / "cut", 2, resume=False)
+    # the interrupted run saved its state at step 2; continue it to step 4
+    state = torch.load(tmp_path / "cut" / "training_state.pt", weights_only=False)
+    state["options"]["steps"] = 4
+    torch.save(state, tmp_path / "cut" / "training_state.pt")
+    rest = _resumed_losses(tokenizer, tmp_path / "cut", 4, resume=True)
+    assert rest.steps == 2
+    # not bit-exact: eSpeak NG's output for the same text varies with what the engine spoke
+    # before (checked: "one two three" twice, with a sentence between, differs in length), here
+    # 2.7e-5 relative; other batches or weights differ by far more (~10% between batches)
+    assert rest.losses == pytest.approx(whole.losses[2:], rel=1e-3)
+
+
+def _reference(directory):
+    """transformers' model; its PEFT integration loads the adapter beside config.json."""
+    model, info = GraniteSpeechForConditionalGeneration.from_pretrained(
+        directory, output_loading_info=True
+    )
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert list(model.peft_config) == ["default"]
+    assert isinstance(model.peft_config["default"], peft.LoraConfig)
+    return model.eval()
+
+
+def test_saved_checkpoint_loads_in_fms_and_reference_with_equal_logits(tokenizer, tmp_path):
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
+    model = new_model(config, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-trivial values everywhere, the LoRA's zero B included
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and "rot_emb" not in name:
+                tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
+        batch_norm = model.encoder.layers[0].conv.batch_norm
+        batch_norm.running_var.uniform_(0.5, 1.5, generator=generator)
+    model.eval()
+    save_pretrained(model, tokenizer, tmp_path)
+    for name in ("config.json", "model.safetensors", "adapter_config.json"):
+        assert (tmp_path / name).is_file()
+    assert "GraniteSpeechFeatureExtractor" in (tmp_path / "preprocessor_config.json").read_text()
+    loaded = get_model("hf_pretrained", model_path=str(tmp_path)).eval()
+    reference = _reference(tmp_path)
+    saved_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    template = chat_text(saved_tokenizer, instruction())
+    scaling = config.text_config.logits_scaling
+    for frames in (7, 40, 61):
+        features = torch.randn(1, frames, 160, generator=generator)
+        count = int(model.audio_token_counts(features).item())
+        ids = torch.tensor([prompt_ids(saved_tokenizer, template, count)])
+        with torch.no_grad():
+            ours = model(ids, input_features=features)
+            fms = loaded(ids, input_features=features)
+            theirs = reference(input_ids=ids, input_features=features).logits / scaling
+        assert relative_error(fms, ours) <= TOLERANCE
+        assert relative_error(theirs, ours) <= TOLERANCE
+    text_ids = torch.tensor([saved_tokenizer("one two three")["input_ids"]])
+    # the LoRA off, through peft's layers (transformers' disable_adapters() wants peft >= 0.22)
+    for module in reference.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(False)
+    with torch.no_grad():
+        theirs = reference(input_ids=text_ids).logits / scaling
+        ours = model(text_ids)
+    assert relative_error(theirs, ours) <= TOLERANCE
