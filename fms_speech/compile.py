@@ -1,4 +1,4 @@
-"""One compiled graph per call type (prefill, decode step) for every audio length and batch size.
+"""One dynamic graph per call type (prefill, decode step) for every audio length and batch size.
 
 `compile_model` compiles with dynamic shapes from the first call. These details make a single
 dynamic graph hold for every shape:
@@ -7,11 +7,14 @@ dynamic graph hold for every shape:
 - no duck sizing: FMS's rotary cos/sin table is a graph input with sizes like 2 and head_dim/2,
   and duck sizing would give a batch of the same size the same symbol, pin it, and recompile
   for every other batch size;
-- with `backed_size_oblivious` a first batch of 1 gets a symbol like any other size, and the
-  model never asks whether it is 1 (fms_speech.models.layout): a first call with one clip
-  compiles the graph every later batch size reuses (docs/compile-efficiency.md).
+- a first call with a single clip still compiles a batch-1 graph per call type: inductor's
+  lowering of views (the encoder's blocks, FMS's attention and feed-forward, the head) asks
+  whether the symbolic batch is 1 and guards on the answer; the next batch size compiles the
+  dynamic graph that every later one reuses: at most two compilations per call type
+  (docs/compile-efficiency.md).
 
-`fms_speech.aot` exports the same two call types ahead of time instead.
+`fms_speech.aot` exports the same two call types ahead of time instead (one package each, batch
+1 included).
 """
 
 import torch

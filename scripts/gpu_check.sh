@@ -3,7 +3,7 @@
 #   1. installs fms-speech's dependencies the machine lacks from scripts/wheels (no network
 #      there; fetch them first with scripts/fetch_gpu_wheels.sh and carry scripts/wheels along);
 #   2. runs the equivalence and compile tests on the device (tests/test_device.py: the reference
-#      against fms-speech, eager and compiled, fp32 and bf16, one graph per phase);
+#      against fms-speech, eager and compiled, fp32 and bf16, graphs counted per phase);
 #   3. runs `fms-speech bench` at the 3.3-2b shapes with all 16 encoder and 40 LLM layers
 #      (random weights, bf16): fms eager and compiled, fms compiled with CUDA graphs, the
 #      reference eager and compiled (last: its recompilations are the slowest part);

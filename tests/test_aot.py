@@ -19,6 +19,7 @@ import torch
 from fms.utils import generation as fms_generation
 
 from fms_speech import Transcriber, aot
+from fms_speech.generation import generate
 from fms_speech.models.granite_speech import (
     GraniteSpeech,
     GraniteSpeechConfig,
@@ -125,7 +126,9 @@ def test_second_process_compiles_nothing_and_writes_the_eager_text(prepared, tmp
     files = []
     for index, text in enumerate(["hello world", "one two three four five six seven"]):
         samples, rate = synthesize(text)
-        files.append(str(write_audio(tmp_path / f"clip{index}.wav", samples, rate)))
+        path = tmp_path / f"clip{index}.wav"
+        write_audio(path, samples, rate, "wav")
+        files.append(str(path))
     code = [sys.executable, "-c", SECOND_PROCESS, str(directory), ",".join(files)]
     run = subprocess.run(
         [*code, str(threads), str(MAX_NEW_TOKENS)], capture_output=True, text=True, env=_env(cache)
@@ -157,6 +160,25 @@ def test_weights_are_read_at_load_not_compiled_in(prepared, model):
     original, _ = _prefill(model, *inputs)
     assert relative_error(original, expected) > 1e-2  # the weights differ, and so do logits
     assert runner.calls == {"prefill": 1}
+
+
+@pytest.mark.slow
+def test_packages_generate_the_eager_tokens_for_one_clip_and_several(prepared, model):
+    """The packages were exported from a batch of 2: batch 1 (a size the compiled code must not
+    have assumed away) and 3 give eager's greedy tokens, through prefill and decode packages."""
+    _, cache, _ = prepared
+    runner = aot.load(model, cache)
+    for frames in ([23], [5, 60, 33]):
+        ids, features, lengths, _ = _inputs(model, frames, seed=len(frames))
+        prompts = [row[row != 0].tolist() for row in ids]  # pad_input_ids pads with 0
+        kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, eos_token_id=-1, pad_token_id=0)
+        expected = generate(model, prompts, features, lengths, **kwargs)
+        actual = generate(runner, prompts, features, lengths, **kwargs)
+        assert actual.sequences == expected.sequences, frames
+        logits, _ = _prefill(runner, *_inputs(model, frames, seed=len(frames)))
+        eager, _ = _prefill(model, *_inputs(model, frames, seed=len(frames)))
+        assert relative_error(logits, eager) <= TOLERANCE
+    assert runner.calls == {"prefill": 4, "decode": 2 * (MAX_NEW_TOKENS - 1)}
 
 
 @pytest.mark.slow

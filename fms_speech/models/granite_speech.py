@@ -19,10 +19,8 @@ from fms import models
 from fms.distributed.strategy import DistributedStrategy, NoOpStrategy, NotDistributed
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
-from fms.modules.attention import get_attention_type
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
-from fms.utils.headless import gather_outputs
 
 from fms_speech import checkpoint
 from fms_speech._compat import (
@@ -37,7 +35,6 @@ from fms_speech.models.conformer import (
     frame_mask,
     full_lengths,
 )
-from fms_speech.models.layout import contiguous_copy
 from fms_speech.models.lora import add_lora
 from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
 
@@ -181,17 +178,6 @@ class GraniteSpeech(nn.Module):
                     f"{n_expected} audio tokens"
                 )
 
-    def _logits(self, hidden: torch.Tensor, last_n_tokens: int) -> torch.Tensor:
-        """FMS Granite's head on the last n positions (all for 0), divided by logits_scaling.
-
-        What `Granite.forward` does after its base model, except that the last positions reach
-        the head as a fresh tensor, not a strided view: no batch-1 graph (models/layout.py).
-        """
-        if last_n_tokens:
-            hidden = contiguous_copy(gather_outputs(hidden, last_n_tokens))
-        logits = self.language_model.head(hidden)
-        return logits / self.config.text_config.logits_scaling
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -223,22 +209,20 @@ class GraniteSpeech(nn.Module):
             lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
         if self._adapter_gate is not None:
             self._adapter_gate.value = lora_gate
-        get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
-            input_ids=embeds,
-            position_ids=position_ids,
-            past_key_value_states=past_key_value_states,
-            **attn_kwargs,
-        )
         try:
             # always with a cache: FMS's SDPA path without one mistakes (B, L, kv_heads, d) keys
             # for (B, kv_heads, L, d) when L == kv_heads (ibm-fms 1.13.1)
-            hidden, cache = self.language_model.base_model(
-                embeds, position_ids, past_key_value_states, True, **attn_kwargs
+            logits, cache = self.language_model(
+                embeds,
+                position_ids=position_ids,
+                past_key_value_states=past_key_value_states,
+                use_cache=True,
+                last_n_tokens=last_n_tokens,
+                **attn_kwargs,
             )
         finally:
             if self._adapter_gate is not None:
                 self._adapter_gate.value = None
-        logits = self._logits(hidden, last_n_tokens)
         return (logits, cache) if use_cache else logits
 
 
