@@ -3,6 +3,10 @@ from fms_speech.bench).
 
 Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
 arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
+
+Under torchrun, `transcribe` runs on every rank: `--parallel tp` splits one model over the ranks
+(rank 0 reads the inputs and writes the outputs), `--parallel data` gives each rank a model and
+a share of the files (each rank writes its outputs); rank 0 gives the exit code over all ranks.
 """
 
 import argparse
@@ -13,10 +17,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch.distributed as dist
+
+from fms_speech import distributed
 from fms_speech.bench import cli as bench_cli
 from fms_speech.serve.server import add_serve_arguments, run_serve
 from fms_speech.transcribe import (
     DTYPES,
+    PARALLEL_MODES,
     SEGMENTATIONS,
     TranscribeOptions,
     Transcriber,
@@ -42,6 +50,18 @@ def _add_transcribe(commands) -> None:
         "--output-dir", type=Path, help="write FILE's result to DIR/<stem>.<format>; else stdout"
     )
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        help="under torchrun: tp (one model split over the ranks; the default) or data (a "
+        "model and a share of the files per rank)",
+    )
+    parser.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=distributed.DEFAULT_TIMEOUT_SECONDS,
+        help="under torchrun: how long a rank waits for the others before it gives up",
+    )
 
 
 def _add_eval(commands) -> None:
@@ -159,13 +179,19 @@ def _progress_bar(args, total: int):
     return tqdm(total=total, unit="file", file=sys.stderr, disable=total < 2)
 
 
-def _report(result: Transcription, args, stem: str, metadata: dict, single: bool) -> bool:
-    """Write or print one result; False if it failed."""
+def _report(
+    result: Transcription, args, stem: str, metadata: dict, single: bool, lines=None
+) -> bool:
+    """Write or print one result (or append its stdout line to `lines`); False if it failed."""
     if result.error is not None:
         _fail(result.error)
         return False
     if args.output_dir is None:
-        print(result.text if single else f"{result.source}\t{result.text}", flush=True)
+        line = result.text if single else f"{result.source}\t{result.text}"
+        if lines is None:
+            print(line, flush=True)
+        else:
+            lines.append((result.index, line))
         return True
     try:
         write_result(result, args.output_dir, stem, output_formats(args.output_format), metadata)
@@ -187,20 +213,41 @@ def transcribe(args) -> int:
     except ValueError as error:
         _fail(str(error))
         return EXIT_NOTHING_RAN
+    try:
+        launch = distributed.Launch.from_env()
+    except ValueError as error:
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    if launch is not None and launch.world_size > 1:
+        return _transcribe_under_torchrun(args, options, launch)
+    if args.parallel is not None and launch is None:
+        _fail(f"--parallel {args.parallel} needs a torchrun launch (WORLD_SIZE is not set)")
+        return EXIT_NOTHING_RAN
     stems = _output_stems(args.files)
-    if args.output_dir is not None:
-        try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            _fail(f"cannot create the output directory {args.output_dir}: {error.strerror}")
-            return EXIT_NOTHING_RAN
-        clash = _would_overwrite_input(args, args.files, stems)
-        if clash is not None:
-            _fail(f"an output would overwrite the input {clash}; choose another --output-dir")
-            return EXIT_NOTHING_RAN
+    if not _prepare_output_dir(args, stems):
+        return EXIT_NOTHING_RAN
     transcriber = _load(args)
     if transcriber is None:
         return EXIT_NOTHING_RAN
+    succeeded = _transcribe_files(transcriber, args, options, list(enumerate(args.files)), stems)
+    return exit_code(succeeded, len(args.files))
+
+
+def _prepare_output_dir(args, stems: list[str]) -> bool:
+    """Create --output-dir; False (after one line on stderr) if it cannot be used."""
+    problem = _output_dir_problem(args, stems)
+    if problem is not None:
+        _fail(problem)
+    return problem is None
+
+
+def _transcribe_files(
+    transcriber, args, options, files: list[tuple[int, str]], stems, lines=None, progress=True
+) -> int:
+    """Transcribe `files` ((index among args.files, path)) and report each; how many succeeded.
+
+    `lines`: collect the stdout lines as (index, line) instead of printing them.
+    """
     metadata = {
         "model": str(args.model),
         "device": str(transcriber.device),
@@ -209,16 +256,21 @@ def transcribe(args) -> int:
         "task": args.task,
     }
     succeeded = 0
-    results = transcriber.stream(args.files, options)
-    progress = _progress_bar(args, len(args.files))
-    for result in results:
-        single = len(args.files) == 1
-        succeeded += _report(result, args, stems[result.index], metadata, single)
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    if succeeded == len(args.files):
+    single = len(args.files) == 1
+    bar = _progress_bar(args, len(files)) if progress else None
+    for result in transcriber.stream([path for _, path in files], options):
+        index = files[result.index][0]
+        result.index = index
+        succeeded += _report(result, args, stems[index], metadata, single, lines)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return succeeded
+
+
+def exit_code(succeeded: int, total: int) -> int:
+    if succeeded == total:
         return EXIT_OK
     return EXIT_SOME_FAILED if succeeded else EXIT_NOTHING_RAN
 
@@ -246,11 +298,115 @@ def compile_checkpoint(args) -> int:
     return EXIT_OK
 
 
+# ---- under torchrun: every rank runs `transcribe`; rank 0 speaks for the run
+
+
+def _transcribe_under_torchrun(args, options, launch: distributed.Launch) -> int:
+    """Join the ranks, load the model on each, run the files; rank 0's exit code is the run's
+    (the other ranks exit 0 unless they lose contact with the rest)."""
+    try:
+        device = distributed.rank_device(launch, args.device)
+        distributed.start(launch, device, args.timeout_seconds)
+    except ValueError as error:  # the group never formed: each rank says what it met
+        _fail(f"rank {launch.rank}: {error}" if launch.rank else str(error))
+        return EXIT_NOTHING_RAN
+    except distributed.DistributedError as error:
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    try:
+        return _run_ranks(args, options, launch, device)
+    except distributed.DistributedError as error:
+        _fail(str(error))
+        return EXIT_NOTHING_RAN
+    finally:
+        distributed.stop()
+
+
+def _run_ranks(args, options, launch: distributed.Launch, device) -> int:
+    parallel = args.parallel or "tp"
+    leads = launch.rank == 0
+    # data-parallel ranks finish at different times: their summary waits longer than a step
+    summary_group = (
+        dist.new_group(backend="gloo", timeout=distributed.SUMMARY_TIMEOUT)
+        if parallel == "data"
+        else None
+    )
+    stems = _output_stems(args.files)
+    writes = leads or parallel == "data"
+    problem = distributed.agreed_problem(
+        _output_dir_problem(args, stems) if writes else None, launch
+    )
+    transcriber = None
+    if problem is None:
+        _default_model(args, say=leads)
+        try:
+            transcriber = Transcriber.from_pretrained(
+                args.model, device=device, dtype=args.dtype, compile=args.compile, parallel=parallel
+            )
+        except (ValueError, OSError, RuntimeError) as error:
+            problem = str(error).splitlines()[0]
+        problem = distributed.agreed_problem(problem, launch)
+    if problem is not None:  # every rank knows; rank 0 says it
+        if leads:
+            _fail(problem)
+        return EXIT_NOTHING_RAN if leads else EXIT_OK
+    if parallel == "tp":
+        if not leads:
+            transcriber.follow()
+            return EXIT_OK
+        try:
+            files = list(enumerate(args.files))
+            succeeded = _transcribe_files(transcriber, args, options, files, stems)
+        except distributed.DistributedError:
+            raise  # the ranks are out of step: nothing more to say to them
+        except BaseException:
+            transcriber.close()  # release the other ranks before going down
+            raise
+        transcriber.close()
+        return exit_code(succeeded, len(args.files))
+    share = [(i, path) for i, path in enumerate(args.files) if i % launch.world_size == launch.rank]
+    lines = [] if args.output_dir is None else None
+    succeeded = _transcribe_files(transcriber, args, options, share, stems, lines, progress=leads)
+    summaries = [None] * launch.world_size if leads else None
+    with distributed.collective(launch.rank, "gathering the ranks' results"):
+        dist.gather_object((succeeded, lines or []), summaries, group=summary_group, group_dst=0)
+    if not leads:
+        return EXIT_OK
+    total = sum(count for count, _ in summaries)
+    for _, line in sorted(line for _, rank_lines in summaries for line in rank_lines):
+        print(line, flush=True)
+    print(
+        f"fms-speech: {total} of {len(args.files)} inputs transcribed by {launch.world_size} ranks",
+        file=sys.stderr,
+    )
+    return exit_code(total, len(args.files))
+
+
+def _output_dir_problem(args, stems) -> str | None:
+    """Why --output-dir cannot be used (one sentence), or None."""
+    if args.output_dir is None:
+        return None
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"cannot create the output directory {args.output_dir}: {error.strerror}"
+    clash = _would_overwrite_input(args, args.files, stems)
+    if clash is not None:
+        return f"an output would overwrite the input {clash}; choose another --output-dir"
+    return None
+
+
+def _default_model(args, say: bool) -> None:
+    """No --model: the demo model, with a line on stderr when `say`."""
+    if args.model is None:
+        if say:
+            print(DEMO_NOTICE, file=sys.stderr)
+        args.model = str(DEMO_MODEL)
+
+
 def _load(args) -> Transcriber | None:
     """The checkpoint of --model (the demo model without it); None after a one-line error."""
-    if args.model is None:
-        print(DEMO_NOTICE, file=sys.stderr)
-        args.model = str(DEMO_MODEL)
+    _default_model(args, say=True)
     try:
         return Transcriber.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, compile=args.compile
@@ -302,6 +458,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:  # the server's load benchmark: options of its own
+        from fms_speech.bench import load
+
+        return load.main(argv[2:])
     args = _parser().parse_args(argv)
     _quiet_libraries()
     if args.command == "transcribe":

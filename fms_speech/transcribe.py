@@ -12,7 +12,9 @@ queue that runs through the model `batch_size` windows at a time; a file's resul
 soon as its last window is done, so memory stays flat however long or many the inputs are.
 """
 
+import contextlib
 import dataclasses
+import io
 import itertools
 import math
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from fms.models import get_model
 
 from fms_speech.aot import compiled_runner
@@ -34,12 +37,15 @@ from fms_speech.audio import (
     split_audio,
 )
 from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
-from fms_speech.generation import generate
+from fms_speech.compile import compile_model
+from fms_speech.distributed import DistributedError, GenerationBatch, Lockstep, single_rank_group
+from fms_speech.generation import GenerationOutput
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARALLEL_MODES = ("tp", "data")  # one model over the ranks; a model per rank
 STAGES = ("load", "features", "prefill", "decode")
 SEGMENTATIONS = ("fixed", "vad")
 
@@ -155,16 +161,33 @@ def resolve_options(options: TranscribeOptions | None, **overrides) -> Transcrib
 
 
 class Transcriber:
-    """A loaded checkpoint (model, tokenizer) ready to transcribe or translate audio."""
+    """A loaded checkpoint (model, tokenizer) ready to transcribe or translate audio.
 
-    def __init__(self, model, tokenizer, device: torch.device, dtype: torch.dtype, compile: bool):
+    Tensor-parallel (`from_pretrained(..., parallel="tp")` under torchrun): rank 0 calls
+    `transcribe`/`stream` as usual and `close()` when done; every other rank calls `follow()`,
+    which runs each batch rank 0 runs (fms_speech.distributed.Lockstep) until rank 0 closes.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        compile: bool,
+        tensor_parallel: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.compile = compile
-        # precompiled artifacts when `fms-speech compile` made them, else compiled just in time
-        self.runner = compiled_runner(model) if compile else model
+        if compile and not tensor_parallel:
+            # precompiled artifacts when `fms-speech compile` made them, else just in time
+            self.runner = compiled_runner(model)
+        else:  # (artifacts hold the whole model's kernels, not a rank's shard)
+            self.runner = compile_model(model) if compile else model
+        self.lockstep = Lockstep(self.runner, device) if tensor_parallel else None
 
     @classmethod
     def from_pretrained(
@@ -173,8 +196,15 @@ class Transcriber:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
         compile: bool = False,
+        parallel: str | None = None,
     ) -> "Transcriber":
-        """Load a hub-layout checkpoint directory; CheckpointError (one sentence) if unusable."""
+        """Load a hub-layout checkpoint directory; CheckpointError (one sentence) if unusable.
+
+        In a torchrun process group (fms_speech.distributed.start), `parallel` is "tp" (one
+        model split over every rank by FMS's tensor parallelism) or "data" (a whole model on
+        each rank); every rank calls this. Without a process group it must be None.
+        """
+        load_options = _parallel_load_options(parallel)
         directory = check_checkpoint(model_dir)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -185,16 +215,44 @@ class Transcriber:
             raise ValueError("device cuda was asked for but this machine has no usable GPU")
         tokenizer = load_tokenizer(directory)
         try:
-            with index_aware_loading():
+            # FMS prints its choices ("using tensor parallel") to stdout, where the text goes
+            with index_aware_loading(), contextlib.redirect_stdout(io.StringIO()):
                 model = get_model(
                     "hf_pretrained",
                     model_path=str(directory),
                     device_type=device.type,
                     data_type=dtype,
+                    **load_options,
                 )
         except (ValueError, KeyError, FileNotFoundError, OSError) as error:
             raise CheckpointError(f"cannot load the model in {directory}: {error}") from None
-        return cls(model.eval(), tokenizer, device, dtype, compile)
+        return cls(model.eval(), tokenizer, device, dtype, compile, parallel == "tp")
+
+    # ---- tensor parallelism: the ranks other than 0
+
+    def follow(self) -> int:
+        """Ranks other than 0 of a tensor-parallel Transcriber: run rank 0's batches until it
+        calls `close()`; the number of batches run."""
+        if self.lockstep is None:
+            raise RuntimeError("follow() is for the ranks of a tensor-parallel Transcriber")
+        return self.lockstep.follow()
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel Transcriber: release the other ranks (no-op otherwise)."""
+        if self.lockstep is not None and self.lockstep.leads:
+            self.lockstep.close()
+
+    def heartbeat(self) -> None:
+        """Rank 0 of a tensor-parallel Transcriber, while idle: keep the other ranks waiting
+        (call more often than the process group's timeout; no-op otherwise)."""
+        if self.lockstep is not None and self.lockstep.leads:
+            self.lockstep.heartbeat()
+
+    def run_generation(self, batch: GenerationBatch, on_tokens=None) -> GenerationOutput:
+        """One `generate` call on this rank's model, or on every rank's (tensor parallel)."""
+        if self.lockstep is not None:
+            return self.lockstep.run(batch, on_tokens)
+        return batch.generate(self.runner, on_tokens)
 
     # ---- the public entry points
 
@@ -273,7 +331,9 @@ class Transcriber:
         """
         try:
             timings = self._generate(batch, on_tokens)
-        except (RuntimeError, ValueError) as error:
+        except DistributedError:  # the ranks are out of step: nothing more can run
+            raise
+        except (RuntimeError, ValueError) as error:  # e.g. out of memory
             timings = {}
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             for window in batch:
@@ -336,17 +396,14 @@ class Transcriber:
             for window, n in zip(batch, counts, strict=True)
         ]
         features_seconds = time.perf_counter() - started
-        output = generate(
-            self.runner,
-            prompts,
-            features.to(self.dtype),
-            feature_lengths,
-            max_new_tokens=options.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=_pad_id(self.tokenizer),
-            num_beams=options.num_beams,
-            on_tokens=on_tokens,
-        )
+        settings = {
+            "max_new_tokens": options.max_new_tokens,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": _pad_id(self.tokenizer),
+            "num_beams": options.num_beams,
+        }
+        batch_inputs = GenerationBatch(prompts, features.to(self.dtype), feature_lengths, settings)
+        output = self.run_generation(batch_inputs, on_tokens)
         for window, sequence, mean_logprob, first_eos_prob in zip(
             batch, output.sequences, output.mean_logprobs, output.first_eos_probs, strict=True
         ):
@@ -359,6 +416,26 @@ class Transcriber:
             "prefill": output.prefill_seconds,
             "decode": output.decode_seconds,
         }
+
+
+def _parallel_load_options(parallel: str | None) -> dict:
+    """get_model's arguments for a `parallel` mode; ValueError if the process group does not
+    fit it (checked before anything is read)."""
+    if parallel is not None and parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, not {parallel!r}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if parallel is None:
+        if world > 1:  # FMS would silently pick tensor parallelism, with no rank following
+            raise ValueError(f"a process group of {world} ranks is running: choose parallel")
+        return {}
+    if not dist.is_initialized():
+        raise ValueError(
+            f"parallel={parallel!r} needs a process group: launch with torchrun and call "
+            "fms_speech.distributed.start first"
+        )
+    if parallel == "tp":
+        return {"distributed_strategy": "tp"}
+    return {"group": single_rank_group()}
 
 
 def _pad_id(tokenizer) -> int:

@@ -14,8 +14,10 @@ from fms_speech.bench.settings import DTYPE_NAMES, PARTS, SYSTEM_SLUGS
 DESCRIPTION = """\
 Measure the reference (transformers) and fms-speech, eager and compiled, on the same weights
 and inputs, per stage; write a table, JSON, a Markdown report and plots to --output-dir.
-Experiments that go beyond the bench: python -m fms_speech.bench.experiments.NAME --help
-(encoder, shapes, decode, decode_gemv, transcribe)."""
+The server under load (concurrent clients, one request at a time vs batched): fms-speech
+bench serve --help. Experiments that go beyond the bench: python -m
+fms_speech.bench.experiments.NAME --help (encoder, shapes, decode, decode_gemv, transcribe,
+tensor_parallel)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,15 +5,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fms_speech.audio import HOP_LENGTH, N_MELS, SAMPLE_RATE, log_mel, prepare_waveform
+from fms_speech.audio import HOP_LENGTH, SAMPLE_RATE, log_mel, prepare_waveform
 from fms_speech.bench.checkpoints import PAD_TOKEN
 from fms_speech.bench.settings import ClipShape, Settings
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.synthesis import synthesize
-
-# log-mel frames are pairs of 10 ms hops, stacked (fms_speech.audio.log_mel)
-FRAMES_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)
-FEATURE_WIDTH = 2 * N_MELS
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",

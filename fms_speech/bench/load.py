@@ -1,6 +1,6 @@
 """Load benchmark of `fms-speech serve`: N concurrent clients, one request at a time vs batched.
 
-    python -m fms_speech.bench.load [--model DIR] [--clients 1 4 8 16] [--compile]
+    fms-speech bench serve [--model DIR] [--clients 1 4 8 16] [--compile]
 
 Starts two real servers (subprocesses on 127.0.0.1) on the same checkpoint: one taking one
 request at a time (`--max-batch 1`), one batching (`--max-batch 16`). For each client count,
@@ -246,7 +246,7 @@ def markdown(results: dict, summary: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fms_speech.bench.load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fms-speech bench serve", description=__doc__)
     parser.add_argument("--model", type=Path, help="checkpoint (default: the embedded default)")
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=4, help="timed requests per client")

@@ -10,9 +10,9 @@ import time
 
 import torch
 
+from fms_speech.audio import FRAMES_PER_SECOND
 from fms_speech.bench import roofline
 from fms_speech.bench.inputs import (
-    FRAMES_PER_SECOND,
     Batch,
     Workload,
     audio_features_mask,

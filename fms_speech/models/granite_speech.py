@@ -16,7 +16,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from fms import models
-from fms.distributed.strategy import DistributedStrategy, NoOpStrategy, NotDistributed
+from fms.distributed.strategy import (
+    DistributedStrategy,
+    NoOpStrategy,
+    NotDistributed,
+    TensorParallelStrategy,
+)
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
 from fms.utils import serialization
@@ -37,6 +42,7 @@ from fms_speech.models.conformer import (
 )
 from fms_speech.models.lora import add_lora
 from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
+from fms_speech.models.tensor_parallel import LoadRecord, check_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +98,15 @@ run_frame_eagerly(mark_dynamic_inputs.__code__)
 
 
 class GraniteSpeech(nn.Module):
+    """Granite Speech; with FMS's `TensorParallelStrategy` (`get_model(...,
+    distributed_strategy="tp")` under torchrun) the LLM is split over the ranks by FMS and the
+    encoder and projector are whole on every rank, as FMS's LLaVA-Next keeps its vision tower.
+
+    Why replicated: the encoder and projector are a small share of the weights (about 0.5 B of
+    the 2-8 B) and run once per clip, while the LLM runs once per generated token; keeping them
+    whole costs no collective and leaves every rank with the full audio embeddings to merge.
+    """
+
     def __init__(
         self,
         config: GraniteSpeechConfig | None = None,
@@ -99,23 +114,30 @@ class GraniteSpeech(nn.Module):
         **kwargs,
     ):
         super().__init__()
-        if not isinstance(distributed_strategy, NotDistributed):  # get_model passes its strategy
+        tensor_parallel = isinstance(distributed_strategy, TensorParallelStrategy)
+        if not (tensor_parallel or isinstance(distributed_strategy, NotDistributed)):
             raise NotImplementedError(
-                f"GraniteSpeech does not support {type(distributed_strategy).__name__} yet: "
-                "load it on one device, without a distributed_strategy"
+                f"GraniteSpeech does not support {type(distributed_strategy).__name__}: load "
+                "it on one device, or tensor-parallel (distributed_strategy='tp')"
             )
         self.config = (config or GraniteSpeechConfig()).updated(**kwargs)
         if not self.config.fused_weights:
             raise ValueError("GraniteSpeech needs fused_weights=True (the LoRA rides on them)")
+        if tensor_parallel:  # before anything is built or read: one sentence, not an assert
+            check_world_size(self.config.text_config, distributed_strategy.group.size())
         self.encoder = ConformerEncoder(self.config.encoder_config)
         self.projector = QFormerProjector(self.config.projector_config)
-        self.language_model = Granite(self.config.text_config)
+        self.language_model = Granite(
+            self.config.text_config, distributed_strategy=distributed_strategy
+        )
+        # after FMS's tensor-parallel swap, which would drop it (see fms_speech.models.lora)
         self._adapter_gate = (
             add_lora(self.language_model, self.config.lora_rank)
             if (self.config.lora_rank > 0)
             else None
         )
         self.register_forward_pre_hook(mark_dynamic_inputs, with_kwargs=True)
+        self._tp_loads = LoadRecord().watch(self) if tensor_parallel else None
 
     @classmethod
     def from_config(cls, config: GraniteSpeechConfig) -> "GraniteSpeech":
@@ -130,15 +152,24 @@ class GraniteSpeech(nn.Module):
         self.language_model.reset_parameters()  # FMS resets our LoRA QKV with the rest
 
     def post_init(self):
-        # called by get_model after loading: parameters still on meta were in no checkpoint
+        # called by get_model after loading: parameters still on meta were in no checkpoint,
+        # and a tensor-parallel module's tensors that its load_weights did not fill are
+        # torch.empty (FMS moved them off meta before loading)
         self.language_model.post_init()
         tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         missing = sorted(n for n, t in tensors.items() if t.is_meta)
         if missing and len(missing) < len(tensors):
-            shown = ", ".join(missing[:8]) + (
-                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            )
-            raise ValueError(f"checkpoint is missing {len(missing)} weights: {shown}")
+            raise ValueError(f"checkpoint is missing {len(missing)} weights: {_names(missing)}")
+        if self._tp_loads is not None:
+            record, self._tp_loads = self._tp_loads, None
+            record.release()
+            unloaded = record.unloaded()
+            if unloaded:
+                why = f" ({record.errors[0]})" if record.errors else ""
+                raise ValueError(
+                    f"{len(unloaded)} weights of the tensor-parallel model were not loaded from "
+                    f"the checkpoint: {_names(unloaded)}{why}"
+                )
 
     def get_audio_features(
         self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None
@@ -224,6 +255,11 @@ class GraniteSpeech(nn.Module):
             if self._adapter_gate is not None:
                 self._adapter_gate.value = None
         return (logits, cache) if use_cache else logits
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 # ---- variants (shapes from the published config.json files; a checkpoint's own config wins)

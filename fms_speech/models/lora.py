@@ -10,21 +10,21 @@ FMS's attention calls `in_proj(q, k, v)` with no room for extra arguments, so th
 the projections through a small holder shared by all layers, set by the model's forward right
 before it runs the LLM (inside the compiled region, so torch.compile traces it as data).
 
-FMS transformations that rebuild the attention's projections either keep the LoRA or refuse:
+FMS transformations that rebuild the attention's projections keep the LoRA or refuse:
 - `fms.utils.fusion.apply_unfuse_weights` calls `unfuse_weights`, which here returns a
   `LoRAUnfusedQKV` holding the same LoRA tensors and the same gate;
-- tensor parallelism (`fms.utils.tp_wrapping.apply_tp`, FMS's `TensorParallelStrategy`) builds
-  a new attention without them, so an attention carrying the LoRA refuses it, and `add_lora`
-  refuses an attention that is already tensor-parallel;
+- tensor parallelism: FMS's `TensorParallelStrategy` builds each `TPMultiHeadAttention` anew, so
+  the LoRA is added after that swap (`add_lora` on a tensor-parallel LLM): each rank's LoRA
+  acts on its own heads and `LoRATPMultiHeadAttention.load_weights` loads its shard of the
+  adapter; an attention that already carries the LoRA refuses to be converted (`to_tp`);
 - quantized or name-dependent linear types (`linear_config`) are refused by `add_lora`.
-(`GraniteSpeech` itself refuses FMS's distributed strategies; see docs/upstream.md, section 3.)
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fms.modules.attention import FusedQKV, MultiHeadAttention, UnfusedQKV
-from fms.modules.tp import TPModule
+from fms.modules.attention import FusedQKV, MultiHeadAttention, TPMultiHeadAttention, UnfusedQKV
+from fms.modules.tp import ShardType
 
 _LORA_NAMES = ("lora_q_a", "lora_q_b", "lora_v_a", "lora_v_b")
 
@@ -136,29 +136,56 @@ class LoRAUnfusedQKV(_GatedQVLoRA, UnfusedQKV):
 class LoRAMultiHeadAttention(MultiHeadAttention):
     """An FMS attention whose `in_proj` carries the audio LoRA.
 
-    FMS's tensor parallelism (`apply_tp` -> `to_tp`) builds a new `TPMultiHeadAttention` with a
-    plain QKV projection, and its `load_weights` skips the LoRA keys with a warning: the LoRA
-    would vanish from the output. Until it is sharded too, this refuses.
+    FMS's tensor parallelism (`apply_tp` -> `to_tp`) would build a new `TPMultiHeadAttention`
+    with a plain QKV projection and drop the LoRA: it refuses. Tensor parallelism adds the LoRA
+    after the swap instead (`add_lora` on the tensor-parallel LLM, as GraniteSpeech does).
     """
 
     def to_tp(self, group):
         raise NotImplementedError(
-            "tensor parallelism is not supported with the audio LoRA yet: FMS's "
-            "TPMultiHeadAttention would rebuild the QKV projection without it"
+            "an attention that already carries the audio LoRA cannot be made tensor-parallel "
+            "(FMS would rebuild its QKV projection without it): build the LLM with the "
+            "TensorParallelStrategy first, then add the LoRA"
         )
 
 
+class LoRATPMultiHeadAttention(TPMultiHeadAttention):
+    """FMS's tensor-parallel attention whose local QKV projection carries its shard of the LoRA.
+
+    A (rank x emb_dim) is whole on every rank (the input is); the B rows follow the fused QKV
+    rows they add to: q's by query heads, v's by key/value heads (replicated where there are
+    fewer KV heads than ranks, as FMS does for the KV weights). Each head's rows stay together,
+    so the RoPE permutation the adapter applies inside a head is kept.
+    """
+
+    def load_weights(self, tensor_values: dict[str, torch.Tensor]) -> set | None:
+        # FMS loads a checkpoint in groups of keys, and the PEFT adapter's keys may come in a
+        # group of their own: load what is there (fms_speech.models.tensor_parallel.LoadRecord
+        # checks afterwards that every tensor was loaded by some call)
+        in_proj = self.in_proj
+        for key in [k for k in tensor_values if k.split(".")[-1] in _LORA_NAMES]:
+            name = key.split(".")[-1]
+            value = tensor_values.pop(key)
+            if name.endswith("_a"):
+                self.sharded_copy(getattr(in_proj, name), value, 0, [1], ShardType.CLONE)
+            else:
+                heads = self.pre_tp_nheads if name == "lora_q_b" else self.pre_tp_kvheads
+                self.sharded_copy(getattr(in_proj, name), value, 0, [heads])
+        return super().load_weights(tensor_values) if tensor_values else set()
+
+
 def add_lora(model: nn.Module, rank: int) -> AdapterGate:
-    """Replace the QKV projection of every attention in `model` with a LoRA one."""
+    """Replace the QKV projection of every attention in `model` with a LoRA one.
+
+    On a tensor-parallel model (FMS's TensorParallelStrategy already applied), each attention's
+    LoRA has its rank's rows of B and loads them from the full checkpoint tensors.
+    """
     gate = AdapterGate()
     for module in model.modules():
         if not isinstance(module, MultiHeadAttention):
             continue
-        if isinstance(module, TPModule):
-            raise NotImplementedError(
-                "the audio LoRA cannot be added to a tensor-parallel attention yet (its weights "
-                "would not be sharded): build the LLM without a distributed_strategy"
-            )
+        if isinstance(module, (LoRAMultiHeadAttention, LoRATPMultiHeadAttention)):
+            raise ValueError("this attention already carries an audio LoRA")
         if not isinstance(module.in_proj, FusedQKV):
             raise ValueError("the audio LoRA needs the LLM built with fused_weights=True")
         if not isinstance(module.in_proj.qkv_fused, nn.Linear):
@@ -167,8 +194,10 @@ def add_lora(model: nn.Module, rank: int) -> AdapterGate:
                 f"{type(module.in_proj.qkv_fused).__name__} (linear_config "
                 f"{module.linear_config!r}): quantized linear types are not supported"
             )
+        # the local projection: on a tensor-parallel attention, this rank's heads only
         module.in_proj = LoRAFusedQKV(module.in_proj, rank, gate)
-        # a class swap, not a copy: the module keeps its weights and FMS's own code paths, and
-        # only `to_tp` changes (see LoRAMultiHeadAttention)
-        module.__class__ = LoRAMultiHeadAttention
+        # a class swap, not a copy: the module keeps its weights and FMS's own code paths; only
+        # `to_tp` (refused) or `load_weights` (the LoRA's shard) change
+        tensor_parallel = isinstance(module, TPMultiHeadAttention)
+        module.__class__ = LoRATPMultiHeadAttention if tensor_parallel else LoRAMultiHeadAttention
     return gate

@@ -6,6 +6,7 @@ its client to go away (its windows are then dropped). Every error is OpenAI's er
 """
 
 import asyncio
+import contextlib
 import hmac
 import importlib.resources
 import logging
@@ -42,6 +43,9 @@ ROUTES = (
 DISCONNECTED = 499  # nginx's status for "the client closed the request", in logs and metrics
 
 
+SHUTDOWN_SECONDS = 30.0  # how long shutting down waits for the model thread's batch
+
+
 def create_app(
     transcriber: Transcriber,
     batcher: Batcher,
@@ -51,7 +55,18 @@ def create_app(
     api_key: str | None,
     max_upload_bytes: int,
 ) -> FastAPI:
-    app = FastAPI(title="fms-speech", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # shutting down, also on SIGTERM or Ctrl-C (after which uvicorn raises the signal again
+        # and the process ends at once): the model thread finishes its batch and, under
+        # tensor parallelism, releases the other ranks first
+        batcher.stop()
+        await run_in_threadpool(batcher.join, SHUTDOWN_SECONDS)
+
+    app = FastAPI(
+        title="fms-speech", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.add_middleware(RequestLog, metrics=metrics)
     page = importlib.resources.files("fms_speech.serve").joinpath("page.html").read_text()
 

@@ -27,7 +27,7 @@ import torch
 
 from fms_speech._compat import compiled_graph_count
 from fms_speech.audio import SAMPLE_RATE, log_mel
-from fms_speech.generation import generate
+from fms_speech.distributed import DistributedError, GenerationBatch
 from fms_speech.prompts import chat_text, prompt_ids
 from fms_speech.serve.metrics import ServerMetrics
 from fms_speech.transcribe import TranscribeOptions, Transcriber, Transcription, assemble
@@ -78,6 +78,7 @@ class Batcher:
         max_queue: int,
         warm_up_options: TranscribeOptions,
         on_fatal: Callable[[str], None],
+        idle_seconds: float | None = None,
     ):
         self.transcriber = transcriber
         self.metrics = metrics
@@ -86,6 +87,7 @@ class Batcher:
         self.max_queue = max_queue
         self.warm_up_options = warm_up_options
         self.on_fatal = on_fatal
+        self.idle_seconds = idle_seconds  # how often an idle worker calls heartbeat (None: never)
         self.ready = threading.Event()
         self._condition = threading.Condition()
         self._waiting: list[_Queued] = []
@@ -142,33 +144,54 @@ class Batcher:
 
     def _work(self) -> None:
         try:
-            started = time.perf_counter()
-            warm_up(self.transcriber, self.warm_up_options)
-            self.metrics.compiled_graphs.set(compiled_graph_count())
-            log.info(
-                "warm-up done in %.1f s (%d compiled graphs); ready",
-                time.perf_counter() - started,
-                compiled_graph_count(),
-            )
+            self._warm_up()
+            self._serve_batches()
+        except DistributedError as error:  # the ranks are out of step: the server stops
+            self.on_fatal(str(error))
+            return
         except Exception as error:  # a model that cannot run a dummy batch cannot serve
             self.on_fatal(f"the warm-up failed: {str(error).splitlines()[0]}")
-            return
+        self.transcriber.close()  # tensor parallel: the other ranks' follow() returns
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        warm_up(self.transcriber, self.warm_up_options)
+        self.metrics.compiled_graphs.set(compiled_graph_count())
+        log.info(
+            "warm-up done in %.1f s (%d compiled graphs); ready",
+            time.perf_counter() - started,
+            compiled_graph_count(),
+        )
         self.ready.set()
+
+    def _serve_batches(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if not batch:  # idle for a while: tensor-parallel ranks wait for a sign of life
+                self.transcriber.heartbeat()
+                continue
             try:
                 self._run(batch)
-            except Exception as error:  # a bug must fail these requests, not stop the worker
+            except DistributedError:
+                for job in dict.fromkeys(item.job for item in batch):
+                    self._fail(job, "transcription failed: the tensor-parallel ranks stopped")
+                raise
+            except Exception as error:  # a bug must fail these requests, not the worker
                 log.exception("a model call failed")
                 for job in dict.fromkeys(item.job for item in batch):
                     self._fail(job, f"transcription failed: {str(error).splitlines()[0]}")
             self.metrics.compiled_graphs.set(compiled_graph_count())
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker to finish (after `stop`): it releases the other ranks last."""
+        self._thread.join(timeout)
 
     def _next_batch(self) -> list[_Queued] | None:
         """The oldest window and up to max_batch - 1 others that can share its call."""
         with self._condition:
             while not self._stopping:
                 if not self._waiting:
-                    self._condition.wait()
+                    if not self._condition.wait(timeout=self.idle_seconds):
+                        return []  # nothing came within idle_seconds
                     continue
                 oldest = self._waiting[0]
                 same = [item for item in self._waiting if item.job.key == oldest.job.key]
@@ -258,13 +281,9 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
         ]
         features, lengths = log_mel(waveforms)
         counts = transcriber.model.audio_token_counts(features, lengths).tolist()
-        generate(
-            transcriber.runner,
-            [prompt_ids(tokenizer, template, n) for n in counts],
-            features.to(transcriber.dtype),
-            lengths,
-            max_new_tokens=2,
-            eos_token_id=-1,
-            pad_token_id=pad,
-            num_beams=1,
+        settings = {"max_new_tokens": 2, "eos_token_id": -1, "pad_token_id": pad, "num_beams": 1}
+        prompts = [prompt_ids(tokenizer, template, n) for n in counts]
+        # through the Transcriber: under tensor parallelism every rank runs the warm-up too
+        transcriber.run_generation(
+            GenerationBatch(prompts, features.to(transcriber.dtype), lengths, settings)
         )

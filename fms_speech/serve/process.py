@@ -19,15 +19,26 @@ class ServerFailed(RuntimeError):
 
 
 class ServerProcess:
-    """`python -m fms_speech.cli serve --model DIR --port FREE *options`, stderr to `log_path`."""
+    """`python -m fms_speech.cli serve --model DIR --port FREE *options`, stderr to `log_path`.
 
-    def __init__(self, model_dir: Path, log_path: Path, *options, env: dict | None = None):
+    `launcher` replaces `python -m`, e.g. torchrun's command ending in `-m` (tensor parallel).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        *options,
+        env: dict | None = None,
+        launcher: list[str] | None = None,
+    ):
         self.model_dir = Path(model_dir)
         self.model = self.model_dir.name  # the served name unless --served-model-name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        command = [sys.executable, "-m", "fms_speech.cli", "serve", "--model", str(model_dir)]
+        launcher = launcher or [sys.executable, "-m"]
+        command = [*launcher, "fms_speech.cli", "serve", "--model", str(model_dir)]
         command += ["--port", str(self.port), *map(str, options)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

@@ -13,6 +13,7 @@ and its per-row gate, and that every FMS transformation that would drop the LoRA
 """
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -29,10 +30,16 @@ from fms.testing._internal.model_test_suite import (
 )
 from fms.utils.fusion import apply_unfuse_weights
 from fms.utils.tp_wrapping import apply_tp
+from safetensors.torch import load_file, save_file
 
 from fms_speech.models.conformer import ConformerConfig
 from fms_speech.models.granite_speech import GraniteSpeech, GraniteSpeechConfig
-from fms_speech.models.lora import LoRAFusedQKV, LoRAUnfusedQKV, add_lora
+from fms_speech.models.lora import (
+    LoRAFusedQKV,
+    LoRATPMultiHeadAttention,
+    LoRAUnfusedQKV,
+    add_lora,
+)
 from fms_speech.models.qformer import QFormerConfig
 
 # FMS's signature input is torch.arange(16): with audio token 5 and one Q-Former window of one
@@ -223,33 +230,50 @@ def _meta_model(**overrides) -> GraniteSpeech:
         return GraniteSpeech(small_config(), **overrides)
 
 
-@pytest.mark.parametrize(
-    "strategy",
-    [lambda: TensorParallelStrategy(), lambda: UniformModelParallelStrategy([0], 2)],
-    ids=["tp", "mp"],
-)
-def test_distributed_strategies_are_refused(process_group, strategy):
-    with pytest.raises(NotImplementedError, match="GraniteSpeech does not support .*Strategy"):
-        _meta_model(distributed_strategy=strategy())
-
-
-def test_get_model_tensor_parallel_is_refused(process_group, checkpoints):
-    _, _, directory = checkpoints["odd_layers_even_kernel"]
-    with pytest.raises(NotImplementedError, match="does not support TensorParallelStrategy"):
-        get_model("hf_pretrained", model_path=str(directory), distributed_strategy="tp")
+def test_model_parallel_strategy_is_refused(process_group):
+    with pytest.raises(NotImplementedError, match="does not support UniformModelParallelStrategy"):
+        _meta_model(distributed_strategy=UniformModelParallelStrategy([0], 2))
 
 
 def test_apply_tp_refuses_an_attention_with_the_lora(process_group):
     model = _meta_model()
-    with pytest.raises(NotImplementedError, match="tensor parallelism is not supported with the"):
+    with pytest.raises(NotImplementedError, match="already carries the audio LoRA cannot be made"):
         apply_tp(model.language_model, process_group)
 
 
-def test_add_lora_refuses_a_tensor_parallel_attention(process_group):
+def test_add_lora_after_the_tensor_parallel_swap(process_group):
     with torch.device("meta"):
         llm = Granite(small_config().text_config, distributed_strategy=TensorParallelStrategy())
-    with pytest.raises(NotImplementedError, match="tensor-parallel attention"):
         add_lora(llm, rank=4)
+    attentions = [layer.attn for layer in llm.base_model.layers]
+    assert all(type(a) is LoRATPMultiHeadAttention for a in attentions)
+    assert all(type(a.in_proj) is LoRAFusedQKV for a in attentions)
+    with pytest.raises(ValueError, match="already carries an audio LoRA"):
+        add_lora(llm, rank=4)
+
+
+def _without_adapter_key(directory, target, dropped: str):
+    """A copy of the checkpoint whose PEFT adapter lacks the key `dropped`."""
+    shutil.copytree(directory, target)
+    adapter = load_file(target / "adapter_model.safetensors")
+    del adapter[dropped]
+    save_file(adapter, target / "adapter_model.safetensors")
+    return target
+
+
+@pytest.mark.parametrize("strategy", [None, "tp"], ids=["one_device", "tensor_parallel"])
+def test_a_lora_weight_missing_from_the_adapter_is_named(
+    process_group, checkpoints, tmp_path, strategy
+):
+    """Under tensor parallelism FMS gives the LoRA torch.empty memory, not meta, before its
+    load_weights runs: the load record, not a meta check, must catch it (world size 1)."""
+    _, _, directory = checkpoints["odd_layers_even_kernel"]
+    dropped = "base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight"
+    target = _without_adapter_key(directory, tmp_path / "partial", dropped)
+    with pytest.raises(
+        ValueError, match=r"language_model\.base_model\.layers\.1\.attn\.in_proj\.lora_q_a"
+    ):
+        get_model("hf_pretrained", model_path=str(target), distributed_strategy=strategy)
 
 
 @pytest.mark.parametrize(

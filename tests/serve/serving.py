@@ -86,11 +86,11 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tu
 
 
 def start_server(
-    request, tmp_path_factory, model_dir: Path, name: str, *options, env=None
+    request, tmp_path_factory, model_dir: Path, name: str, *options, env=None, launcher=None
 ) -> Server:
     """A ready server, ended by pid when `request`'s scope ends."""
     log_dir = tmp_path_factory.mktemp(f"server-{name}")
-    server = Server(model_dir, log_dir / "stderr.log", *options, env=env)
+    server = Server(model_dir, log_dir / "stderr.log", *options, env=env, launcher=launcher)
     request.addfinalizer(server.stop)
     server.wait_until_ready()
     return server

@@ -3,7 +3,7 @@
 import torch
 from fms.models import get_model
 
-from fms_speech.bench.inputs import FEATURE_WIDTH, FRAMES_PER_SECOND
+from fms_speech.audio import FEATURE_DIM, FRAMES_PER_SECOND
 from fms_speech.models.granite_speech import build_granite_speech_params
 from fms_speech.testing.reference import reference_config
 
@@ -36,7 +36,7 @@ def audio_prompts(model, batch: int, seconds: float, ragged: bool = False, seed:
     more prefix token, so that the batch is padded on both sides."""
     frames = int(seconds * FRAMES_PER_SECOND)
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, frames, FEATURE_WIDTH, generator=generator)
+    features = torch.randn(batch, frames, FEATURE_DIM, generator=generator)
     shorter = 37 if ragged else 0
     lengths = torch.tensor([frames - shorter * row for row in range(batch)])
     counts = model.audio_token_counts(features, lengths).tolist()
