@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers.models.granite_speech.modeling_granite_speech import GraniteSpeechCTCEncoder
 
-from fms_speech.bench.inputs import FEATURE_WIDTH, FRAMES_PER_SECOND
+from fms_speech.audio import FEATURE_DIM, FRAMES_PER_SECOND
 from fms_speech.bench.measure import summary, timed
 from fms_speech.compile import compile_model
 from fms_speech.models import GraniteSpeechConfig
@@ -111,7 +111,7 @@ def run_grid(
         compiled = compile_model(ours, **compile_options)
         record = {"config": vars(width), "shapes": {}, "compile_seconds": None}
         for batch in batch_sizes:
-            features = torch.randn(batch, frames, FEATURE_WIDTH, device=device).to(dtype)
+            features = torch.randn(batch, frames, FEATURE_DIM, device=device).to(dtype)
             lengths = torch.full((batch,), frames, device=device)
             calls = _calls(reference, ours, compiled, features, lengths)
             with torch.no_grad():

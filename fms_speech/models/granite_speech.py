@@ -24,8 +24,10 @@ from fms.distributed.strategy import (
 )
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
+from fms.modules.attention import get_attention_type
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
+from fms.utils.headless import gather_outputs
 
 from fms_speech import checkpoint
 from fms_speech._compat import (
@@ -209,6 +211,21 @@ class GraniteSpeech(nn.Module):
                     f"{n_expected} audio tokens"
                 )
 
+    def _logits(self, hidden: torch.Tensor, last_n_tokens: int) -> torch.Tensor:
+        """FMS Granite's head on the last n positions (all for 0), divided by logits_scaling.
+
+        What `Granite.forward` does after its base model, except that the last positions reach
+        the head as a fresh tensor, not a strided view: `F.linear` on a strided 3-D view asks
+        whether the batch is 1 (torch's matmul decomposition), and `torch.export` refuses that
+        guard for a batch dimension exported from 1 up (fms_speech.aot).
+        """
+        if last_n_tokens:
+            hidden = gather_outputs(hidden, last_n_tokens).clone(
+                memory_format=torch.contiguous_format
+            )
+        logits = self.language_model.head(hidden)
+        return logits / self.config.text_config.logits_scaling
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -240,20 +257,22 @@ class GraniteSpeech(nn.Module):
             lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
         if self._adapter_gate is not None:
             self._adapter_gate.value = lora_gate
+        get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
+            input_ids=embeds,
+            position_ids=position_ids,
+            past_key_value_states=past_key_value_states,
+            **attn_kwargs,
+        )
         try:
             # always with a cache: FMS's SDPA path without one mistakes (B, L, kv_heads, d) keys
             # for (B, kv_heads, L, d) when L == kv_heads (ibm-fms 1.13.1)
-            logits, cache = self.language_model(
-                embeds,
-                position_ids=position_ids,
-                past_key_value_states=past_key_value_states,
-                use_cache=True,
-                last_n_tokens=last_n_tokens,
-                **attn_kwargs,
+            hidden, cache = self.language_model.base_model(
+                embeds, position_ids, past_key_value_states, True, **attn_kwargs
             )
         finally:
             if self._adapter_gate is not None:
                 self._adapter_gate.value = None
+        logits = self._logits(hidden, last_n_tokens)
         return (logits, cache) if use_cache else logits
 
 
