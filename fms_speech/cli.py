@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from fms_speech import distributed
@@ -122,6 +123,11 @@ def _add_compile(commands) -> None:
         "transcribe reads $FMS_SPEECH_CACHE",
     )
     parser.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads, as `serve --threads` will run (default: all cores; part of the key)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -279,6 +285,8 @@ def compile_checkpoint(args) -> int:
     """`fms-speech compile`: the artifacts of one checkpoint, dtype and device."""
     from fms_speech import aot
 
+    if args.threads:  # inductor writes the thread count into its CPU kernels
+        torch.set_num_threads(args.threads)
     try:
         transcriber = Transcriber.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError

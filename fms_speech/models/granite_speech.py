@@ -27,7 +27,6 @@ from fms.models.hf.config_utils.param_builders import build_granite_params
 from fms.modules.attention import get_attention_type
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
-from fms.utils.headless import gather_outputs
 
 from fms_speech import checkpoint
 from fms_speech._compat import (
@@ -42,6 +41,7 @@ from fms_speech.models.conformer import (
     frame_mask,
     full_lengths,
 )
+from fms_speech.models.layout import trailing_positions
 from fms_speech.models.lora import add_lora
 from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
 from fms_speech.models.tensor_parallel import LoadRecord, check_world_size
@@ -215,14 +215,10 @@ class GraniteSpeech(nn.Module):
         """FMS Granite's head on the last n positions (all for 0), divided by logits_scaling.
 
         What `Granite.forward` does after its base model, except that the last positions reach
-        the head as a fresh tensor, not a strided view: `F.linear` on a strided 3-D view asks
-        whether the batch is 1 (torch's matmul decomposition), and `torch.export` refuses that
-        guard for a batch dimension exported from 1 up (fms_speech.aot).
+        the head as a fresh tensor, not a strided view (fms_speech.models.layout).
         """
-        if last_n_tokens:
-            hidden = gather_outputs(hidden, last_n_tokens).clone(
-                memory_format=torch.contiguous_format
-            )
+        if last_n_tokens and hidden.shape[1] >= last_n_tokens:
+            hidden = trailing_positions(hidden, last_n_tokens)
         logits = self.language_model.head(hidden)
         return logits / self.config.text_config.logits_scaling
 
