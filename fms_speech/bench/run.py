@@ -259,7 +259,7 @@ def child_main(spec_path: Path) -> int:
         mixed["compiles"] = counts_since(start_counts)
         if isinstance(system, PrecompiledSystem):
             mixed["load_seconds"] = system.load_seconds
-            mixed["calls"] = dict(system.runner.calls)
+            mixed["calls"] = dict(system.precompiled.calls)
         results[dtype_name(dtype)] = mixed
     results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(spec["result"]).write_text(json.dumps(results))

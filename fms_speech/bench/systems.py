@@ -192,6 +192,7 @@ class PrecompiledSystem(FmsSystem):
         super().__init__(model, True, device, {}, name="fms precompiled")
         self.cache_dir = cache_dir
         self.load_seconds = None
+        self.precompiled = None
 
     def __enter__(self):
         started = time.perf_counter()
@@ -199,7 +200,7 @@ class PrecompiledSystem(FmsSystem):
         if runner is None:
             raise RuntimeError(f"no precompiled artifacts for this model in {self.cache_dir}")
         self.load_seconds = time.perf_counter() - started
-        self.runner = runner
+        self.runner = self.precompiled = runner  # (__exit__ resets runner)
         return self
 
 
