@@ -43,6 +43,7 @@ from fms_speech._compat import (
     fx_config,
 )
 from fms_speech.compile import SYMBOLIC_SHAPE_SETTINGS, compile_model
+from fms_speech.models.granite_speech import GraniteSpeech
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,11 @@ def prepare(
     (RuntimeError if it differs). Artifacts already there for the same key are kept unless
     `force`.
     """
+    if type(model) is not GraniteSpeech:
+        raise ValueError(
+            f"only granite_speech checkpoints are precompiled ({type(model).__name__} is "
+            "compiled just in time by --compile)"
+        )
     directory = artifact_dir(model, cache_dir)
     key = artifact_key(model)
     if not force and _stored_key(directory) == key:

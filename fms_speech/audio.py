@@ -4,7 +4,8 @@
 `AudioError`, with one sentence naming the file, for anything it cannot use. `log_mel` computes
 the reference extractor's features (transformers `GraniteSpeechFeatureExtractor`) in torch, one
 clip at a time in spirit: unlike the reference, a clip in a padded batch gets exactly the features
-it gets alone. `split_audio` cuts recordings longer than a window at quiet points.
+it gets alone. `log_mel_deltas` does the same for granite_speech5 (`GraniteSpeech5FeatureExtractor`:
+log-mel and its deltas). `split_audio` cuts recordings longer than a window at quiet points.
 """
 
 import math
@@ -26,6 +27,8 @@ N_MELS = 80
 # The model's input: two 10 ms log-mel frames stacked per row, so 160 values at 50 rows/s
 FEATURE_DIM = 2 * N_MELS
 FRAMES_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)
+# granite_speech5's input: each 10 ms frame's log-mel and its delta, two frames stacked per row
+DELTA_FEATURE_DIM = 4 * N_MELS
 # One analysis window (25 ms): the shortest clip that yields a feature row. Anything shorter
 # would also be shorter than the reflect padding (N_FFT // 2) that the spectrogram needs.
 MIN_SAMPLES = WIN_LENGTH
@@ -183,6 +186,63 @@ def log_mel_padded(
 
     padded: (B, max_samples + N_FFT); num_samples: (B,) clip lengths before padding.
     """
+    logmel = _log_power_mel(padded)  # (B, T_mel, 80)
+    num_frames = num_samples // HOP_LENGTH + 1
+    logmel = _compress(logmel, num_frames)
+
+    batch, mel_frames, n_mels = logmel.shape
+    pairs = mel_frames // 2  # an odd last frame is dropped
+    features = logmel[:, : 2 * pairs].reshape(batch, pairs, 2 * n_mels)
+    feature_lengths = num_frames // 2
+    return _zero_padding_rows(features, feature_lengths), feature_lengths
+
+
+def log_mel_deltas(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """granite_speech5's features of 16 kHz mono clips: (B, T, DELTA_FEATURE_DIM), lengths (B,).
+
+    Row k of a clip is [mel(2k), delta(2k), mel(2k+1), delta(2k+1)] (80 values each), where
+    delta(t) = (mel(t + 1) - mel(t - 1)) / 2 with the clip's end frames repeated; a clip of n
+    samples has ceil((n // HOP_LENGTH) / 2) rows. Each clip's features are what the reference
+    extractor computes for it alone; padded rows are zero.
+    """
+    shortest = min(w.shape[0] for w in waveforms)
+    if shortest < MIN_SAMPLES:
+        raise AudioError(
+            f"log_mel_deltas needs clips of at least {MIN_SAMPLES} samples, got {shortest}."
+        )
+    num_samples = torch.tensor([w.shape[0] for w in waveforms])
+    # the reference completes an odd last pair of frames: 2 * ceil(frames / 2) frames, which
+    # needs (frames - 1) * HOP_LENGTH + 1 samples; a clip short of that gets zeros appended
+    # (before its reflect padding, as the reference pads the waveform)
+    num_frames = 2 * ((num_samples // HOP_LENGTH + 1) // 2)
+    needed = (num_frames - 1) * HOP_LENGTH + 1
+    pad = N_FFT // 2
+    padded = [
+        F.pad(F.pad(w.to(torch.float32), (0, max(0, n - w.shape[0])))[None], (pad, pad), "reflect")[
+            0
+        ]
+        for w, n in zip(waveforms, needed.tolist(), strict=True)
+    ]
+    batch = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)
+    num_frames = num_frames.to(batch.device)
+    logmel = _compress(_log_power_mel(batch), num_frames)
+    frame_index = torch.arange(logmel.shape[1], device=logmel.device)
+    # deltas with each clip's own last frame repeated (not the batch's padding)
+    following = torch.cat([logmel[:, 1:], logmel[:, -1:]], dim=1)
+    is_last = (frame_index[None, :] + 1 >= num_frames[:, None])[..., None]
+    following = torch.where(is_last, logmel, following)
+    preceding = torch.cat([logmel[:, :1], logmel[:, :-1]], dim=1)
+    deltas = (following - preceding) / 2
+    frames = torch.cat([logmel, deltas], dim=-1)  # (B, T_mel, 160): mel then delta
+    batch_size, mel_frames, width = frames.shape
+    pairs = mel_frames // 2
+    features = frames[:, : 2 * pairs].reshape(batch_size, pairs, 2 * width)
+    feature_lengths = num_frames // 2
+    return _zero_padding_rows(features, feature_lengths), feature_lengths
+
+
+def _log_power_mel(padded: torch.Tensor) -> torch.Tensor:
+    """log10 of the HTK mel power spectrogram of reflect-padded clips: (B, T_mel, N_MELS)."""
     window = torch.hann_window(WIN_LENGTH, periodic=True, device=padded.device)
     # torch.stft centres the 400-sample window inside each 512-sample frame, like torchaudio.
     spectrum = torch.stft(
@@ -190,20 +250,21 @@ def log_mel_padded(
     )
     power = torch.view_as_real(spectrum).square().sum(-1).transpose(1, 2)  # (B, T_mel, 257)
     filters = mel_filterbank(device=padded.device)
-    logmel = (power @ filters).clamp(min=1e-10).log10()  # (B, T_mel, 80)
+    return (power @ filters).clamp(min=1e-10).log10()
 
-    num_frames = num_samples // HOP_LENGTH + 1
+
+def _compress(logmel: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
+    """Floor each clip at DYNAMIC_RANGE below its loudest bin (over its first `num_frames`
+    frames, those that see only the clip), then scale: x / 4 + 1."""
     frame_index = torch.arange(logmel.shape[1], device=logmel.device)
-    in_clip = frame_index[None, :] < num_frames[:, None]  # frames that see only the clip
+    in_clip = frame_index[None, :] < num_frames[:, None]
     loudest = logmel.masked_fill(~in_clip[..., None], -torch.inf).amax(dim=(1, 2))
-    logmel = torch.maximum(logmel, (loudest - DYNAMIC_RANGE)[:, None, None]) / 4 + 1
+    return torch.maximum(logmel, (loudest - DYNAMIC_RANGE)[:, None, None]) / 4 + 1
 
-    batch, mel_frames, n_mels = logmel.shape
-    pairs = mel_frames // 2  # an odd last frame is dropped
-    features = logmel[:, : 2 * pairs].reshape(batch, pairs, 2 * n_mels)
-    feature_lengths = num_frames // 2
-    in_features = torch.arange(pairs, device=features.device)[None, :] < feature_lengths[:, None]
-    return features.masked_fill(~in_features[..., None], 0.0), feature_lengths
+
+def _zero_padding_rows(features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(features.shape[1], device=features.device)
+    return features.masked_fill(~(rows[None, :] < feature_lengths[:, None])[..., None], 0.0)
 
 
 # A window's cut is looked for in its last SEARCH_SECONDS, at ENERGY_FRAME resolution.

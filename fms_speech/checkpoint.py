@@ -20,8 +20,10 @@ from fms.utils import serialization
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The model types fms-speech runs, as config.json names them
-MODEL_TYPES = ("granite_speech",)
+# The model types fms-speech runs, as config.json names them (granite_speech5's is its CTC one)
+MODEL_TYPES = ("granite_speech", "granite_speech_plus", "granite_speech5_ctc")
+# those without an LLM: CTC decoding, no prompt
+CTC_MODEL_TYPES = ("granite_speech5_ctc",)
 
 
 class CheckpointError(ValueError):
@@ -33,13 +35,7 @@ def check_checkpoint(model_dir: str | Path) -> Path:
     directory = Path(model_dir)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory} has no config.json: not a checkpoint directory")
-    try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise CheckpointError(f"{config_path} is not a valid JSON config") from None
+    model_type = checkpoint_model_type(directory)
     if model_type not in MODEL_TYPES:
         known = ", ".join(repr(name) for name in MODEL_TYPES)
         raise CheckpointError(f"{directory} holds a {model_type!r} model; fms-speech runs {known}")
@@ -51,6 +47,17 @@ def check_checkpoint(model_dir: str | Path) -> Path:
     ):
         raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json)")
     return directory
+
+
+def checkpoint_model_type(model_dir: str | Path) -> str | None:
+    """config.json's model_type; CheckpointError if there is no readable config.json."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a checkpoint directory")
+    try:
+        return json.loads(config_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CheckpointError(f"{config_path} is not a valid JSON config") from None
 
 
 def indexed_shards(model_dir: Path) -> list[Path] | None:

@@ -262,9 +262,14 @@ def _transcribe_files(
         "task": args.task,
     }
     succeeded = 0
+    try:
+        results = transcriber.stream([path for _, path in files], options)
+    except ValueError as error:  # an option this model cannot honour (a CTC model: --prompt)
+        _fail(str(error))
+        return 0
     single = len(args.files) == 1
     bar = _progress_bar(args, len(files)) if progress else None
-    for result in transcriber.stream([path for _, path in files], options):
+    for result in results:
         index = files[result.index][0]
         result.index = index
         succeeded += _report(result, args, stems[index], metadata, single, lines)

@@ -14,16 +14,9 @@ from fms.models.granite import GraniteConfig
 from fms_speech.models.conformer import ConformerConfig
 from fms_speech.models.granite_speech import GraniteSpeechConfig
 from fms_speech.models.qformer import QFormerConfig
+from fms_speech.prompts import CHAT_TEMPLATE
 from fms_speech.train_data import CTC_ALPHABET, Augmentation, Voices
 
-# The Granite chat template (roles between special tokens, one message per turn)
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
-    " + '<|end_of_text|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
-)
 EOS, PAD, UNK, START_ROLE, END_ROLE, AUDIO = (
     "<|end_of_text|>",
     "<|pad|>",

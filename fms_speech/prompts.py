@@ -10,6 +10,15 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 AUDIO_PLACEHOLDER = "<|audio|>"
+# Granite's chat template (roles between special tokens, one message per turn), for the
+# tokenizers this project builds: the demo model's, the tests' and the bench's
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
+    " + '<|end_of_text|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
 TRANSCRIBE_INSTRUCTION = "can you transcribe the speech into a written format?"
 TRANSLATE_INSTRUCTION = "can you translate the speech into {language}?"
 

@@ -10,6 +10,9 @@ for result in transcriber.transcribe(["a.wav", "b.flac"], batch_size=8):
 Inputs stream through: each file is loaded, cut into windows (long audio), and its windows join a
 queue that runs through the model `batch_size` windows at a time; a file's result is assembled as
 soon as its last window is done, so memory stays flat however long or many the inputs are.
+
+A CTC checkpoint (granite_speech5) runs through `fms_speech.ctc.CTCRunner` instead of prompt and
+generation: its windows are joined at word boundaries, its segments carry word timestamps.
 """
 
 import contextlib
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fms.models import get_model
+from transformers import AutoTokenizer
 
 from fms_speech.aot import compiled_runner
 from fms_speech.audio import (
@@ -36,10 +40,26 @@ from fms_speech.audio import (
     prepare_waveform,
     split_audio,
 )
-from fms_speech.checkpoint import CheckpointError, check_checkpoint, index_aware_loading
+from fms_speech.checkpoint import (
+    CTC_MODEL_TYPES,
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_model_type,
+    index_aware_loading,
+)
 from fms_speech.compile import compile_model
+from fms_speech.ctc import (
+    CTCRunner,
+    TimedWindow,
+    WindowWords,
+    Word,
+    join_windows,
+    segments_from_words,
+)
 from fms_speech.distributed import DistributedError, GenerationBatch, Lockstep, single_rank_group
 from fms_speech.generation import GenerationOutput
+from fms_speech.models.granite_speech import GraniteSpeech
+from fms_speech.models.granite_speech5 import GraniteSpeech5
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
 
@@ -99,6 +119,7 @@ class Segment:
     tokens: list[int] = field(default_factory=list)
     avg_logprob: float = 0.0  # per generated token, eos included
     no_speech_prob: float = 0.0  # the model's probability of an empty answer (eos first)
+    words: list[Word] = field(default_factory=list)  # with timestamps (CTC models)
 
 
 @dataclass
@@ -111,6 +132,11 @@ class Transcription:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None  # why this input failed; None when it succeeded
 
+    @property
+    def words(self) -> list[Word]:
+        """Every word with its start and end (CTC models; empty for the LLM types)."""
+        return [word for segment in self.segments for word in segment.words]
+
 
 @dataclass
 class _Window:
@@ -122,6 +148,7 @@ class _Window:
     tokens: list[int] = field(default_factory=list)  # generated ids, eos excluded
     mean_logprob: float = 0.0  # per generated token, eos included
     first_eos_prob: float = 0.0  # the model's probability of an empty answer
+    decoded: WindowWords | None = None  # CTC models
 
 
 @dataclass
@@ -135,6 +162,7 @@ class _Pending:
     template: str  # the chat-templated prompt of every window of this input
     windows: list[_Window] = field(default_factory=list)
     remaining: int = 0
+    ctc: CTCRunner | None = None  # a CTC model's decoder: its windows join at word boundaries
 
     @property
     def stitched(self) -> bool:
@@ -182,11 +210,16 @@ class Transcriber:
         self.device = device
         self.dtype = dtype
         self.compile = compile
-        if compile and not tensor_parallel:
+        if compile and not tensor_parallel and type(model) is GraniteSpeech:
             # precompiled artifacts when `fms-speech compile` made them, else just in time
+            # (artifacts hold the whole model's kernels, not a rank's shard; the other model
+            # types are compiled just in time: `fms-speech compile` refuses them)
             self.runner = compiled_runner(model)
-        else:  # (artifacts hold the whole model's kernels, not a rank's shard)
+        else:
             self.runner = compile_model(model) if compile else model
+        # the model's path: a CTC model has no prompt and no generation
+        self.ctc = CTCRunner(model, tokenizer) if isinstance(model, GraniteSpeech5) else None
+        self.stages = self.ctc.stages if self.ctc is not None else STAGES
         self.lockstep = Lockstep(self.runner, device) if tensor_parallel else None
 
     @classmethod
@@ -213,7 +246,15 @@ class Transcriber:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but this machine has no usable GPU")
-        tokenizer = load_tokenizer(directory)
+        if checkpoint_model_type(directory) in CTC_MODEL_TYPES:
+            if parallel == "tp":
+                raise ValueError(
+                    f"{directory} is a CTC model (granite_speech5): it has no LLM to split over "
+                    "the ranks; run it in one process per rank (transcribe --parallel data)"
+                )
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        else:
+            tokenizer = load_tokenizer(directory)
         try:
             # FMS prints its choices ("using tensor parallel") to stdout, where the text goes
             with index_aware_loading(), contextlib.redirect_stdout(io.StringIO()):
@@ -296,6 +337,8 @@ class Transcriber:
         with keyword `overrides` of its fields, e.g. `stream(files, batch_size=4)`.
         """
         options = resolve_options(options, **overrides)
+        if self.ctc is not None:
+            self.ctc.check_options(options)
         single = isinstance(inputs, (str, Path, np.ndarray, torch.Tensor))
         return self._stream([inputs] if single else inputs, options, sample_rate)
 
@@ -317,7 +360,9 @@ class Transcriber:
                 f"Cannot transcribe '{result.source}': it is {result.duration:.1f} s "
                 f"long, more than the {limit:g} s allowed (--max-audio-seconds)."
             )
-        entry = _Pending(result, options, chat_text(self.tokenizer, options.instruction()))
+        # a CTC model has no prompt
+        template = "" if self.ctc is not None else chat_text(self.tokenizer, options.instruction())
+        entry = _Pending(result, options, template, ctc=self.ctc)
         ranges = segment_ranges(waveform, options)  # none when VAD finds no speech
         entry.windows = [_Window(entry, start, end, waveform[start:end]) for start, end in ranges]
         entry.remaining = len(entry.windows)
@@ -359,7 +404,7 @@ class Transcriber:
         queue: list[_Window] = []
         for index, item in enumerate(items):
             result = Transcription(_source_name(item, index), index)
-            result.timings = dict.fromkeys(STAGES, 0.0)
+            result.timings = dict.fromkeys(self.stages, 0.0)
             started = time.perf_counter()
             try:
                 entry = self.prepare(result, self._load(item, sample_rate), options)
@@ -381,6 +426,12 @@ class Transcriber:
 
     @torch.inference_mode()
     def _generate(self, batch: list[_Window], on_tokens=None) -> dict[str, float]:
+        if self.ctc is not None:
+            waveforms = [window.waveform for window in batch]
+            decoded, timings = self.ctc.run(self.runner, waveforms, self.device, self.dtype)
+            for window, window_words in zip(batch, decoded, strict=True):
+                window.decoded = window_words
+            return timings
         options = batch[0].owner.options
         if any(
             (w.owner.options.num_beams, w.owner.options.max_new_tokens)
@@ -444,6 +495,8 @@ def _pad_id(tokenizer) -> int:
 
 def assemble(entry: _Pending) -> Transcription:
     """Join a finished input's windows: stitched text, one segment per window that says something."""
+    if entry.ctc is not None:
+        return _assemble_ctc(entry, entry.ctc)
     result, windows = entry.result, entry.windows
     if not windows:
         shares, spans = [], []
@@ -471,4 +524,21 @@ def assemble(entry: _Pending) -> Transcription:
     ]
     result.text = " ".join(segment.text for segment in result.segments)
     result.timings["total"] = math.fsum(result.timings[stage] for stage in STAGES)
+    return result
+
+
+def _assemble_ctc(entry: _Pending, ctc: CTCRunner) -> Transcription:
+    """Join a finished input's windows at word boundaries: text, segments split at pauses."""
+    result = entry.result
+    timed = [
+        TimedWindow(window.start / SAMPLE_RATE, window.end / SAMPLE_RATE, window.decoded)
+        for window in entry.windows
+        if window.decoded is not None  # None: its batch failed (result.error says why)
+    ]
+    result.text, words = join_windows(timed, ctc.splitter, result.duration)
+    result.segments = [
+        Segment(group[0].start, group[-1].end, " ".join(word.text for word in group), words=group)
+        for group in segments_from_words(words)
+    ]
+    result.timings["total"] = math.fsum(result.timings[stage] for stage in ctc.stages)
     return result

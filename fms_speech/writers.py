@@ -30,15 +30,26 @@ def to_json(result: Transcription, metadata: dict) -> str:
     document = {
         "source": result.source,
         "text": result.text,
-        "segments": [
-            {"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
-            for s in result.segments
-        ],
+        "segments": [_segment_json(segment) for segment in result.segments],
         "duration": round(result.duration, 3),
         "timings": {stage: round(seconds, 4) for stage, seconds in result.timings.items()},
         **metadata,
     }
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def _segment_json(segment) -> dict:
+    document = {
+        "start": round(segment.start, 3),
+        "end": round(segment.end, 3),
+        "text": segment.text,
+    }
+    if segment.words:  # CTC models: each word's first and last emitting frame
+        document["words"] = [
+            {"start": round(w.start, 3), "end": round(w.end, 3), "word": w.text}
+            for w in segment.words
+        ]
+    return document
 
 
 def to_srt(result: Transcription, metadata: dict) -> str:

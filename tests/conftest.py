@@ -9,7 +9,13 @@ import pytest
 import torch
 
 import fms_speech  # noqa: F401  (registers granite_speech)
-from fms_speech.testing.reference import TRANSCRIBE_CONFIG, save_named, save_tokenizer
+from fms_speech.testing.reference import (
+    TRANSCRIBE_CONFIG,
+    save_ctc_tokenizer,
+    save_named,
+    save_speech5_named,
+    save_tokenizer,
+)
 
 
 def pytest_addoption(parser):
@@ -32,17 +38,18 @@ def device(request) -> torch.device:
 
 
 class Checkpoints:
-    """Lazily saves each of `fms_speech.testing.reference.CONFIGS` once per session;
-    (peft reference, fms model, directory)."""
+    """Lazily saves each of `fms_speech.testing.reference.CONFIGS` (and PLUS_CONFIGS) once per
+    session; (reference, fms model, directory)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, save=save_named):
         self.root = root
+        self.save = save
         self._cache = {}
 
     def __getitem__(self, name: str):
         if name not in self._cache:
             directory = self.root / name
-            reference = save_named(name, directory)
+            reference = self.save(name, directory)
             model = fms.models.get_model("hf_pretrained", model_path=str(directory)).eval()
             self._cache[name] = (reference, model, directory)
         return self._cache[name]
@@ -61,3 +68,16 @@ def speech_checkpoint(checkpoints):
     if not (directory / "tokenizer.json").exists():
         save_tokenizer(directory)
     return reference, directory
+
+
+@pytest.fixture(scope="session")
+def ctc_checkpoints(tmp_path_factory) -> Checkpoints:
+    """granite_speech5: each of SPEECH5_CONFIGS saved by the reference (sharded), with a small
+    CTC tokenizer of the reference's class; (reference, fms model, directory)."""
+
+    def save(name: str, directory: Path):
+        reference = save_speech5_named(name, directory)
+        save_ctc_tokenizer(directory, reference.config.vocab_size)
+        return reference
+
+    return Checkpoints(tmp_path_factory.mktemp("ctc_checkpoints"), save)

@@ -138,3 +138,45 @@ def test_bad_source_is_one_line_and_exit_2(arguments, message, capsys, tmp_path)
     assert error.startswith(f"fms-speech bench: error: {message}")
     assert error.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+# ---- a CTC checkpoint (granite_speech5): its own stages
+
+
+@pytest.fixture(scope="module")
+def ctc_quick_run(ctc_checkpoints, tmp_path_factory):
+    _, _, directory = ctc_checkpoints["ctc_tiny"]
+    out = tmp_path_factory.mktemp("bench_ctc")
+    assert cli.main(["--model", str(directory), "--quick", "--output-dir", str(out)]) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_ctc_bench_measures_every_system_and_stage(ctc_quick_run):
+    out, results = ctc_quick_run
+    runs = results["runs"]["float32"]
+    assert list(runs) == ["reference eager", "fms eager", "fms compiled"]
+    for system, record in runs.items():
+        assert record["e2e"], system
+        for shape, entry in record["e2e"].items():
+            ClipShape.from_key(shape)
+            for stage in ("features", "encoder", "decode", "end_to_end"):
+                stats = entry[stage]
+                assert 0 < stats["min"] <= stats["median"] <= stats["max"], (system, shape, stage)
+            assert entry["rtf"] == pytest.approx(
+                entry["audio_seconds"] / entry["end_to_end"]["median"]
+            )
+    assert results["agreement"]["float32"] is True  # the same texts from every system
+    assert runs["fms compiled"]["compiles"]["graph_breaks"] == 0
+    assert results["explain"] == {"graphs": 1, "graph_breaks": 0}
+    report = (out / "bench.md").read_text()
+    assert "| shape | system | features | encoder | decode |" in report
+    assert "load average" in report
+
+
+def test_ctc_bench_refuses_the_compiled_reference(ctc_checkpoints, capsys, tmp_path):
+    _, _, directory = ctc_checkpoints["ctc_tiny"]
+    arguments = ["--model", str(directory), "--systems", "ref-compiled", "--output-dir"]
+    assert cli.main([*arguments, str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fms-speech bench: error: a CTC model is benched as reference eager")
+    assert not any(tmp_path.iterdir())

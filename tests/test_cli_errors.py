@@ -92,7 +92,8 @@ def _checkpoint_variants(model_dir, root):
     shutil.copytree(model_dir, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
-    variants["other model type"] = (other, ["'whisper'", "granite_speech"])
+    known = ["'granite_speech'", "'granite_speech_plus'", "'granite_speech5_ctc'"]
+    variants["other model type"] = (other, ["'whisper'", *known])
     no_weights = root / "no_weights"
     no_weights.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):

@@ -94,3 +94,19 @@ def test_decode_steps_switch_lora_without_recompiling(checkpoints):
     assert (on - off).abs().max() > 1e-3
     torch.testing.assert_close(mixed[0], on[0])
     torch.testing.assert_close(mixed[1], off[1])
+
+
+def test_plus_forward_is_one_graph_without_breaks(checkpoints):
+    _, model, _ = checkpoints["plus_three_layers"]
+    ids, features, lengths = _inputs(model, 2, 29, torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(
+        ids, input_features=features, feature_lengths=lengths
+    )
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_ctc_forward_is_one_graph_without_breaks(ctc_checkpoints):
+    _, model, _ = ctc_checkpoints["ctc_tiny"]
+    features = torch.randn(3, 45, 320, generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(features, torch.tensor([45, 30, 7]))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

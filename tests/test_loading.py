@@ -189,3 +189,66 @@ def test_without_adapter_builds_no_lora(saved, tmp_path):
     loaded = fms.models.get_model("hf_pretrained", model_path=str(target)).eval()
     assert loaded.config.lora_rank == 0
     assert not any("lora" in name for name, _ in loaded.named_parameters())
+
+
+# ---- granite_speech5 (CTC) checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_ctc(ctc_checkpoints):
+    _, model, directory = ctc_checkpoints["ctc_untied_late_subsampling"]
+    features = torch.randn(1, 30, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model, directory, features, model(features)
+
+
+def test_ctc_checkpoint_is_sharded_with_the_references_names(saved_ctc):
+    _, directory, _, _ = saved_ctc
+    names = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(index_shards(directory)) > 1
+    assert "encoder.layers.0.self_attn.k_proj.weight" in names  # fused into to_kv on load
+    assert "encoder.layers.0.conv.norm.running_var" in names  # the BatchNorm
+    assert "ctc_head.weight" in names  # untied
+
+
+def test_ctc_missing_weight_is_named(saved_ctc, tmp_path):
+    _, directory, _, _ = saved_ctc
+    target = _copy_without_weights(directory, tmp_path / "ctc_missing")
+    weights = _all_weights(directory)
+    del weights["encoder.layers.2.conv.norm.running_mean"]  # the BatchNorm: float32 and kept
+    save_file(weights, target / "model.safetensors")
+    with pytest.raises(
+        ValueError, match="missing 1 weights: encoder.layers.2.conv.batch_norm.running_mean"
+    ):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+
+
+def test_ctc_unexpected_key_and_lone_key_projection_are_named(saved_ctc, tmp_path):
+    _, directory, _, _ = saved_ctc
+    target = _copy_without_weights(directory, tmp_path / "ctc_unexpected")
+    weights = _all_weights(directory)
+    weights["decoder.weight"] = torch.zeros(3)
+    save_file(weights, target / "model.safetensors")
+    with pytest.raises(ValueError, match="unexpected keys in the checkpoint: decoder.weight"):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+    del weights["decoder.weight"], weights["encoder.layers.1.self_attn.v_proj.weight"]
+    save_file(weights, target / "model.safetensors")
+    with pytest.raises(ValueError, match="self_attn.k_proj but not its pair"):
+        fms.models.get_model("hf_pretrained", model_path=str(target))
+
+
+def test_ctc_loads_in_bfloat16_with_a_float32_batch_norm(saved_ctc):
+    model, directory, features, expected = saved_ctc
+    loaded = fms.models.get_model(
+        "hf_pretrained", model_path=str(directory), data_type=torch.bfloat16
+    ).eval()
+    norm = loaded.encoder.layers[0].conv.batch_norm
+    assert norm.running_var.dtype == torch.float32
+    # the checkpoint's float32 statistics arrive unrounded
+    torch.testing.assert_close(
+        norm.running_var, model.encoder.layers[0].conv.batch_norm.running_var, rtol=0, atol=0
+    )
+    with torch.no_grad():
+        logits = loaded(features)
+    assert logits.dtype == torch.bfloat16
+    assert relative_error(logits, expected) < 0.05  # bf16 rounding, not a wrong mapping

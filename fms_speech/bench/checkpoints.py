@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fms.models import get_model
+from fms.models import get_model, list_variants
 
 from fms_speech.testing.reference import (
     hf_config_from_fms,
@@ -77,14 +77,20 @@ def embedded_config():
 
 
 def variant_config(variant: str, encoder_layers: int | None = None, llm_layers: int | None = None):
-    """transformers' config of a published variant's shapes, optionally with fewer layers."""
+    """transformers' config of a published variant's shapes (granite_speech or
+    granite_speech_plus), optionally with fewer layers."""
     overrides = {}
     if encoder_layers:
         overrides["encoder_config"] = {"num_layers": encoder_layers}
     if llm_layers:
         overrides["text_config"] = {"nlayers": llm_layers}
+    architecture = (
+        "granite_speech_plus"
+        if variant in list_variants("granite_speech_plus")
+        else ("granite_speech")
+    )
     with torch.device("meta"):
-        model = get_model("granite_speech", variant, device_type="meta", **overrides)
+        model = get_model(architecture, variant, device_type="meta", **overrides)
     return hf_config_from_fms(model.config, text=SPECIAL_IDS)
 
 
@@ -96,7 +102,8 @@ def build_checkpoint(config, directory: Path, dtype: torch.dtype, lora: tuple[in
     rank, alpha = lora
     reference = make_reference(config, 0, rank, alpha, weight_scale=None, dtype=dtype)
     save_reference(reference, directory, max_shard_size="50GB")  # one file at these sizes
-    return reference.get_base_model().eval()
+    base = reference.get_base_model() if hasattr(reference, "get_base_model") else reference
+    return base.eval()
 
 
 def load_fms(directory: Path, dtype: torch.dtype, device: torch.device):

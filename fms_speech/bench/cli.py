@@ -22,8 +22,12 @@ tensor_parallel)."""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--variant", help="a published shape with random weights, e.g. 3.3-2b")
-    source.add_argument("--model", metavar="DIR", help="a Granite Speech checkpoint directory")
+    source.add_argument(
+        "--variant", help="a published shape with random weights, e.g. 3.3-2b, 5.0-470m"
+    )
+    source.add_argument(
+        "--model", metavar="DIR", help="a checkpoint directory (granite_speech, _plus or 5.0)"
+    )
     parser.add_argument("--encoder-layers", type=int, help="cut the variant's encoder depth")
     parser.add_argument("--llm-layers", type=int, help="cut the variant's LLM depth")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

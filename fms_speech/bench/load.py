@@ -30,16 +30,10 @@ import soundfile
 import torch
 
 from fms_speech.audio import SAMPLE_RATE
+from fms_speech.prompts import CHAT_TEMPLATE
 from fms_speech.serve.process import ServerProcess
 
 SPECIAL_TOKENS = ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|unk|>")
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
-    " + '<|end_of_text|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
-)
 PROMPT_WORDS = "user assistant can you transcribe the speech into a written format ?"
 
 

@@ -31,7 +31,7 @@ from fms.models import list_variants
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 from fms_speech import aot
-from fms_speech.bench import report
+from fms_speech.bench import ctc, report
 from fms_speech.bench.checkpoints import load_fms, load_models
 from fms_speech.bench.grid import time_grid
 from fms_speech.bench.inputs import Prompter, make_workload
@@ -48,6 +48,7 @@ from fms_speech.bench.settings import (
 from fms_speech.bench.systems import FmsSystem, PrecompiledSystem, make_system
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ARCHITECTURES = ("granite_speech", "granite_speech_plus", "granite_speech5")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -82,6 +83,24 @@ def run_bench(args: argparse.Namespace) -> int:
     options = {"reference": {"backend": backend}, "fms": {"backend": backend}}
     if args.profile:
         inductor_config.cpp.enable_kernel_profile = True  # name the fused kernels in profiles
+    if ctc.is_ctc_run(args):
+        unsupported = [name for name in systems if name not in ctc.SYSTEMS]
+        if args.systems and unsupported:
+            print(
+                f"fms-speech bench: error: a CTC model is benched as {', '.join(ctc.SYSTEMS)} "
+                f"(not {', '.join(unsupported)})",
+                file=sys.stderr,
+            )
+            return 2
+        args.systems_ctc = [name for name in ctc.SYSTEMS if name in systems or not args.systems]
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="fms-speech-bench-") as work_dir:
+            work = Path(work_dir)
+            with temporary_cache_dir(str(work / "inductor")):
+                results = ctc.run_ctc_bench(args, settings, device, dtypes, options["fms"], work)
+        results["meta"]["command"] = command_line()
+        ctc.write(results, args.output_dir)
+        return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -103,7 +122,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _bad_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, in one sentence; None if nothing."""
-    variants = list_variants("granite_speech")
+    variants = [v for arch in ARCHITECTURES for v in list_variants(arch)]
     if args.variant and args.variant not in variants:
         return f"unknown --variant {args.variant!r} (one of {', '.join(variants)})"
     if args.model and not (Path(args.model) / "config.json").is_file():

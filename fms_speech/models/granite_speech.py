@@ -5,12 +5,10 @@ vectors are written into the prompt's embeddings at the `<|audio|>` placeholders
 and a `where`, so the merge has no data-dependent shapes and the whole forward is one graph.
 """
 
-import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ from fms_speech._compat import (
     register_hf_architecture,
     run_frame_eagerly,
 )
+from fms_speech.models.checks import check_loaded, check_shapes
 from fms_speech.models.conformer import (
     ConformerConfig,
     ConformerEncoder,
@@ -109,6 +108,8 @@ class GraniteSpeech(nn.Module):
     whole costs no collective and leaves every rank with the full audio embeddings to merge.
     """
 
+    encoder_class = ConformerEncoder  # granite_speech_plus's encoder concatenates layers
+
     def __init__(
         self,
         config: GraniteSpeechConfig | None = None,
@@ -119,15 +120,15 @@ class GraniteSpeech(nn.Module):
         tensor_parallel = isinstance(distributed_strategy, TensorParallelStrategy)
         if not (tensor_parallel or isinstance(distributed_strategy, NotDistributed)):
             raise NotImplementedError(
-                f"GraniteSpeech does not support {type(distributed_strategy).__name__}: load "
-                "it on one device, or tensor-parallel (distributed_strategy='tp')"
+                f"{type(self).__name__} does not support {type(distributed_strategy).__name__}: "
+                "load it on one device, or tensor-parallel (distributed_strategy='tp')"
             )
         self.config = (config or GraniteSpeechConfig()).updated(**kwargs)
         if not self.config.fused_weights:
             raise ValueError("GraniteSpeech needs fused_weights=True (the LoRA rides on them)")
         if tensor_parallel:  # before anything is built or read: one sentence, not an assert
             check_world_size(self.config.text_config, distributed_strategy.group.size())
-        self.encoder = ConformerEncoder(self.config.encoder_config)
+        self.encoder = self.encoder_class(self.config.encoder_config)
         self.projector = QFormerProjector(self.config.projector_config)
         self.language_model = Granite(
             self.config.text_config, distributed_strategy=distributed_strategy
@@ -158,10 +159,7 @@ class GraniteSpeech(nn.Module):
         # and a tensor-parallel module's tensors that its load_weights did not fill are
         # torch.empty (FMS moved them off meta before loading)
         self.language_model.post_init()
-        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        missing = sorted(n for n, t in tensors.items() if t.is_meta)
-        if missing and len(missing) < len(tensors):
-            raise ValueError(f"checkpoint is missing {len(missing)} weights: {_names(missing)}")
+        check_loaded(self)
         if self._tp_loads is not None:
             record, self._tp_loads = self._tp_loads, None
             record.release()
@@ -323,21 +321,26 @@ _3_2_8b_config = GraniteSpeechConfig(
     text_config=_granite_text(**_text_8b, src_vocab_size=49156),
     audio_token_index=49155,
 )
-# granite-4.0-1b-speech: Granite 4.0 1B dense LLM; the published config.json is the authority
+# granite-4.0-1b-speech and granite-speech-4.1-2b (same topology): a Granite 4.0 1B dense LLM
+# with an untied lm_head and no LoRA adapter; the published config.json is the authority
+_text_4_0_1b = {
+    "src_vocab_size": 100353,
+    "nheads": 16,
+    "kvheads": 4,
+    "head_dim": 128,
+    "hidden_grow_factor": 4096 / 2048,
+    "rope_theta": 10_000.0,
+    "attention_multiplier": 0.0078125,
+    "tie_heads": False,
+}
 _4_0_1b_config = GraniteSpeechConfig(
     encoder_config=ConformerConfig(output_dim=348),
     projector_config=QFormerConfig(output_size=2048),
-    text_config=_granite_text(
-        src_vocab_size=100353,
-        nheads=16,
-        kvheads=4,
-        head_dim=128,
-        hidden_grow_factor=4096 / 2048,
-        rope_theta=10_000.0,
-        attention_multiplier=0.0078125,
-    ),
+    text_config=_granite_text(**_text_4_0_1b),
     audio_token_index=100352,
+    lora_rank=0,
 )
+_4_1_2b_config = _4_0_1b_config
 
 
 def _granite_speech_factory_factory(config):
@@ -351,6 +354,7 @@ models.register_model(_architecture_name, "3.3-2b", _granite_speech_factory_fact
 models.register_model(_architecture_name, "3.3-8b", _granite_speech_factory_factory(_3_3_8b_config))
 models.register_model(_architecture_name, "3.2-8b", _granite_speech_factory_factory(_3_2_8b_config))
 models.register_model(_architecture_name, "4.0-1b", _granite_speech_factory_factory(_4_0_1b_config))
+models.register_model(_architecture_name, "4.1-2b", _granite_speech_factory_factory(_4_1_2b_config))
 
 
 # ---- transformers config <-> ours (fms.models.get_model("hf_pretrained", model_path=DIR))
@@ -415,6 +419,12 @@ def hf_config(config: GraniteSpeechConfig):
     """transformers' GraniteSpeechConfig for ours: the inverse of build_granite_speech_params."""
     from transformers import GraniteSpeechConfig as HFGraniteSpeechConfig
 
+    return HFGraniteSpeechConfig(**hf_config_kwargs(config))
+
+
+def hf_config_kwargs(config: GraniteSpeechConfig) -> dict:
+    """The keyword arguments of transformers' config class for ours (granite_speech_plus adds to
+    the encoder's)."""
     encoder, projector, text = config.encoder_config, config.projector_config, config.text_config
     text_config = {
         "model_type": "granite",
@@ -434,7 +444,7 @@ def hf_config(config: GraniteSpeechConfig):
         "logits_scaling": text.logits_scaling,
         "tie_word_embeddings": text.tie_heads,
     }
-    return HFGraniteSpeechConfig(
+    return dict(
         encoder_config={**{k: getattr(encoder, k) for k in _ENCODER_FIELDS}, "dropout": 0.0},
         projector_config={
             "model_type": "blip_2_qformer",
@@ -509,8 +519,21 @@ def _lora_to_fms(name: str, tensor, config: GraniteSpeechConfig) -> tuple[str, A
     return f"language_model.base_model.layers.{layer}.attn.in_proj.lora_{proj}_{ab.lower()}", tensor
 
 
+def hf_to_fms_step(model_class: type):
+    """The `hf_to_fms` adapter step of `model_class` (GraniteSpeech or a subclass): the names
+    are the same, the expected shapes those of the class built from the model's config."""
+
+    def step(input_sd: Mapping[str, Any], model_config=None, **kwargs) -> Mapping[str, Any]:
+        return _hf_to_fms(input_sd, model_config, model_class=model_class)
+
+    return step
+
+
 def _hf_to_fms(
-    input_sd: Mapping[str, Any], model_config: GraniteSpeechConfig | None = None, **kwargs
+    input_sd: Mapping[str, Any],
+    model_config: GraniteSpeechConfig | None = None,
+    model_class: type | None = None,
+    **kwargs,
 ) -> Mapping[str, Any]:
     config = model_config or GraniteSpeechConfig()
     new_sd, llm_sd, lora_sd, unexpected = {}, {}, {}, []
@@ -546,31 +569,11 @@ def _hf_to_fms(
             f"shape mismatch for {min(llm_tensors)}: checkpoint tensors ({shapes}) "
             f"do not fit the LLM configuration: {error}"
         ) from error
-    _check_shapes(new_sd, config)
+    check_shapes(new_sd, model_class or GraniteSpeech, config)
     return new_sd
 
 
-@lru_cache(maxsize=4)
-def _expected_shapes(config_json: str) -> dict:
-    config = GraniteSpeechConfig._load_from_dict(json.loads(config_json))
-    with torch.device("meta"):
-        model = GraniteSpeech(config)
-    return {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def _check_shapes(sd: Mapping[str, Any], config: GraniteSpeechConfig):
-    expected = _expected_shapes(json.dumps(config.as_dict(), sort_keys=True))
-    for name, tensor in sd.items():
-        if name not in expected:
-            raise ValueError(f"unexpected key in the checkpoint: {name}")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(
-                f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
-                f"model {tuple(expected[name])}"
-            )
-
-
-serialization.register_adapter_step(_architecture_name, "hf_to_fms", _hf_to_fms)
+serialization.register_adapter_step(_architecture_name, "hf_to_fms", hf_to_fms_step(GraniteSpeech))
 serialization.register_adapter(_architecture_name, "hf", ["hf_to_fms"])
 
 

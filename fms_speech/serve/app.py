@@ -29,7 +29,7 @@ from fms_speech.serve.uploads import (
     load_upload,
     read_form,
 )
-from fms_speech.transcribe import STAGES, Transcriber, Transcription
+from fms_speech.transcribe import Transcriber, Transcription
 
 log = logging.getLogger("fms_speech.serve")
 ROUTES = (
@@ -165,7 +165,7 @@ def create_app(
         finally:
             await form.close()
         result = Transcription(name)
-        result.timings = dict.fromkeys(STAGES, 0.0)
+        result.timings = dict.fromkeys(transcriber.stages, 0.0)
         try:
             entry = await run_in_threadpool(transcriber.prepare, result, waveform, parsed.options)
         except AudioError as error:  # longer than --max-audio-seconds
@@ -197,7 +197,10 @@ def create_app(
 
     def _job(entry, parsed: AudioRequest) -> Job:
         loop = asyncio.get_running_loop()
-        one_greedy_window = len(entry.windows) == 1 and entry.options.num_beams == 1
+        # a CTC model's text comes whole per window: its stream is one delta per window
+        one_greedy_window = (
+            len(entry.windows) == 1 and entry.options.num_beams == 1 and transcriber.ctc is None
+        )
         return Job(
             entry,
             loop,

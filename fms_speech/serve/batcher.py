@@ -272,13 +272,18 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
     """
     generator = torch.Generator().manual_seed(0)
     tokenizer = transcriber.tokenizer
-    template = chat_text(tokenizer, options.instruction())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for seconds in ([3.0], [5.0, 2.0]):
         waveforms = [
             0.01 * torch.randn(int(s * SAMPLE_RATE), generator=generator).to(transcriber.device)
             for s in seconds
         ]
+        if transcriber.ctc is not None:  # one forward, no prompt and no decode steps
+            transcriber.ctc.run(
+                transcriber.runner, waveforms, transcriber.device, transcriber.dtype
+            )
+            continue
+        template = chat_text(tokenizer, options.instruction())
         features, lengths = log_mel(waveforms)
         counts = transcriber.model.audio_token_counts(features, lengths).tolist()
         settings = {"max_new_tokens": 2, "eos_token_id": -1, "pad_token_id": pad, "num_beams": 1}

@@ -63,6 +63,7 @@ class Limits:
     served_model_name: str
     options: TranscribeOptions  # every request starts from these (the serve command's options)
     max_num_beams: int = 8
+    ctc: bool = False  # a CTC model (granite_speech5): transcribes only, with word timestamps
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class AudioRequest:
     response_format: str
     stream: bool
     language: str  # verbose_json's `language`: a lower-case name, as OpenAI writes it
+    words: bool = False  # verbose_json lists the words with their times (CTC models)
 
 
 def parse_request(form: FormData, task: str, limits: Limits) -> AudioRequest:
@@ -102,7 +104,7 @@ def parse_request(form: FormData, task: str, limits: Limits) -> AudioRequest:
             code="invalid_value",
         )
     _check_temperature(_text(form, "temperature"))
-    _check_granularities(form)
+    words = _check_granularities(form, limits.ctc)
     stream = _flag(form, "stream")
     if stream and response_format not in STREAM_FORMATS:
         raise APIError(
@@ -119,6 +121,8 @@ def parse_request(form: FormData, task: str, limits: Limits) -> AudioRequest:
     }
     num_beams = _integer(form, "num_beams", 1, limits.max_num_beams)
     max_new_tokens = _integer(form, "max_new_tokens", 1, limits.options.max_new_tokens)
+    if limits.ctc:
+        _check_ctc_request(task, overrides["prompt"], num_beams)
     overrides |= {"num_beams": num_beams} if num_beams is not None else {}
     overrides |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
     try:
@@ -127,7 +131,31 @@ def parse_request(form: FormData, task: str, limits: Limits) -> AudioRequest:
         raise APIError(400, str(error), param="prompt", code="invalid_value") from None
     target = overrides["language"] if task == "translate" else language or "en"
     name = LANGUAGES.get(target.lower(), target).lower()
-    return AudioRequest(upload, options, response_format, stream, name)
+    return AudioRequest(upload, options, response_format, stream, name, words)
+
+
+def _check_ctc_request(task: str, prompt: str | None, num_beams: int | None) -> None:
+    """What a CTC model cannot do, refused in OpenAI's terms."""
+    if task != "transcribe":
+        raise APIError(
+            400,
+            "This model is a CTC model: it transcribes only; translations need an LLM model.",
+            code="unsupported_value",
+        )
+    if prompt is not None:
+        raise APIError(
+            400,
+            "This model is a CTC model: it takes no prompt.",
+            param="prompt",
+            code="unsupported_value",
+        )
+    if num_beams not in (None, 1):
+        raise APIError(
+            400,
+            "This model is a CTC model: it decodes greedily, num_beams must be 1.",
+            param="num_beams",
+            code="unsupported_value",
+        )
 
 
 def _text(form: FormData, name: str) -> str | None:
@@ -182,10 +210,18 @@ def _check_temperature(value: str | None) -> None:
         )
 
 
-def _check_granularities(form: FormData) -> None:
+def _check_granularities(form: FormData, ctc: bool) -> bool:
+    """Whether word timestamps were asked for (a CTC model has them)."""
     values = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
     for value in values:
-        if value == "word":
+        if value not in ("segment", "word"):
+            raise APIError(
+                400,
+                f"timestamp_granularities '{value}' is not segment or word.",
+                param="timestamp_granularities",
+                code="invalid_value",
+            )
+        if value == "word" and not ctc:
             raise APIError(
                 400,
                 "timestamp_granularities 'word' is not available for this model: its segments "
@@ -193,13 +229,7 @@ def _check_granularities(form: FormData) -> None:
                 param="timestamp_granularities",
                 code="unsupported_value",
             )
-        if value != "segment":
-            raise APIError(
-                400,
-                f"timestamp_granularities '{value}' is not segment or word.",
-                param="timestamp_granularities",
-                code="invalid_value",
-            )
+    return "word" in values
 
 
 # ---- responses
@@ -231,7 +261,7 @@ def verbose_json(result: Transcription, request: AudioRequest) -> dict:
         }
         for index, segment in enumerate(result.segments)
     ]
-    return {
+    body = {
         "task": request.options.task,
         "language": request.language,
         "duration": result.duration,
@@ -239,6 +269,11 @@ def verbose_json(result: Transcription, request: AudioRequest) -> dict:
         "segments": segments,
         "usage": _usage(result),
     }
+    if request.words:  # OpenAI's TranscriptionWord: each word's first and last emitting frame
+        body["words"] = [
+            {"word": word.text, "start": word.start, "end": word.end} for word in result.words
+        ]
+    return body
 
 
 def compression_ratio(text: str) -> float:

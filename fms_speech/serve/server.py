@@ -214,7 +214,7 @@ def _serve(
         transcriber,
         batcher,
         metrics,
-        Limits(name, options),
+        Limits(name, options, ctc=transcriber.ctc is not None),
         api_key=api_key,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
     )

@@ -1,28 +1,43 @@
 """Granite Speech checkpoints made by the reference implementation (transformers + peft).
 
 - `reference_config`: a tiny transformers config with every part of the architecture; keyword
-  dicts override each part, so one builder serves the tests' named configurations (`CONFIGS`),
-  the bench's embedded model and a published variant's shapes (`hf_config_from_fms`);
+  dicts override each part, so one builder serves the tests' named configurations (`CONFIGS`,
+  and `PLUS_CONFIGS` for granite_speech_plus: `cat_hidden_layers` makes it one), the bench's
+  embedded model and a published variant's shapes (`hf_config_from_fms`);
 - `make_reference`: the reference model with random weights and a random PEFT LoRA on
   q_proj/v_proj; `save_reference` writes it in the hub layout (base weights by
   `save_pretrained`, the adapter beside them); `load_reference` reads such a directory back;
 - `save_tokenizer`: a word-level tokenizer with a Granite-style chat template, matched to the
   ids of `reference_config`;
-- `prompt_ids`, `relative_error`, `index_shards`: the tests' inputs and measures.
+- `prompt_ids`, `relative_error`, `index_shards`: the tests' inputs and measures;
+- granite_speech5 (CTC): `speech5_config` / `SPEECH5_CONFIGS`, `make_speech5_reference`,
+  `save_speech5_reference` (sharded `save_pretrained`), `save_ctc_tokenizer` (a small
+  tokenizer of the reference's class, `ParakeetTokenizer`, with SentencePiece-style pieces).
 
 `peft` and `tokenizers` (test/bench dependencies) are imported by the functions that use them.
 """
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+from transformers import (
+    GraniteSpeech5CTCConfig,
+    GraniteSpeech5ForCTC,
+    GraniteSpeechConfig,
+    GraniteSpeechForConditionalGeneration,
+    GraniteSpeechPlusConfig,
+    GraniteSpeechPlusForConditionalGeneration,
+)
 
+from fms_speech.models import GraniteSpeech5Config as FmsGraniteSpeech5Config
 from fms_speech.models import GraniteSpeechConfig as FmsGraniteSpeechConfig
-from fms_speech.models.granite_speech import hf_config
+from fms_speech.models import GraniteSpeechPlusConfig as FmsGraniteSpeechPlusConfig
+from fms_speech.models import granite_speech, granite_speech5, granite_speech_plus
+from fms_speech.prompts import CHAT_TEMPLATE
 
 AUDIO_TOKEN = 250
 
@@ -104,6 +119,27 @@ CONFIGS = {
 # tied tiny models echo the last prompt token; the untied one writes text that follows the audio
 TRANSCRIBE_CONFIG = "untied_window12"
 
+# granite_speech_plus: the concatenated layers cover the mid-layer CTC block (num_layers // 2,
+# whose exported copy carries the CTC update), index 0 (input_linear) and several layers
+PLUS_CONFIGS = {
+    # 3 layers: the mid-layer CTC block is 1; index 0 with it
+    "plus_input_and_mid": dict(cat_hidden_layers=[0, 1]),
+    # 4 layers, blocks 1, 2 (mid) and 3, listed out of order, no LoRA adapter
+    "plus_three_layers": dict(
+        cat_hidden_layers=[3, 1, 2],
+        encoder=dict(num_layers=4, conv_kernel_size=5, context_size=6),
+        has_lora_adapter=False,
+    ),
+    # the published shape in small: one layer (3) of 5, window 10/2, untied LM head
+    "plus_one_layer": dict(
+        cat_hidden_layers=[3],
+        encoder=dict(num_layers=5, context_size=5, conv_kernel_size=3, dim_head=16),
+        text=dict(tie_word_embeddings=False, num_key_value_heads=4),
+        window_size=10,
+        downsample_rate=2,
+    ),
+}
+
 
 def reference_config(
     encoder: dict | None = None,
@@ -113,12 +149,24 @@ def reference_config(
     downsample_rate: int = 5,
     audio_token_index: int = AUDIO_TOKEN,
     has_lora_adapter: bool = True,
+    cat_hidden_layers: list[int] | None = None,
 ) -> GraniteSpeechConfig:
-    """A tiny Granite Speech config; keyword dicts override the defaults of each part."""
+    """A tiny Granite Speech config; keyword dicts override the defaults of each part.
+
+    With `cat_hidden_layers` it is a granite_speech_plus config (the projector's input width
+    follows from it)."""
     text_config = {**TINY_TEXT, **(text or {})}
-    return GraniteSpeechConfig(
-        encoder_config={**TINY_ENCODER, **(encoder or {})},
-        projector_config={**TINY_PROJECTOR, **(projector or {})},
+    encoder_config = {**TINY_ENCODER, **(encoder or {})}
+    projector_config = {**TINY_PROJECTOR, **(projector or {})}
+    config_class = GraniteSpeechConfig
+    if cat_hidden_layers is not None:
+        config_class = GraniteSpeechPlusConfig
+        encoder_config["cat_hidden_layers"] = list(cat_hidden_layers)
+        width = encoder_config["hidden_dim"] * (len(cat_hidden_layers) + 1)
+        projector_config["encoder_hidden_size"] = width
+    return config_class(
+        encoder_config=encoder_config,
+        projector_config=projector_config,
         text_config=text_config,
         audio_token_index=audio_token_index,
         window_size=window_size,
@@ -128,13 +176,29 @@ def reference_config(
     )
 
 
-def hf_config_from_fms(config: FmsGraniteSpeechConfig, text: dict | None = None):
+def reference_class(config) -> type:
+    """transformers' model class for a config of the family."""
+    if isinstance(config, GraniteSpeech5CTCConfig):
+        return GraniteSpeech5ForCTC
+    if isinstance(config, GraniteSpeechPlusConfig):
+        return GraniteSpeechPlusForConditionalGeneration
+    return GraniteSpeechForConditionalGeneration
+
+
+def hf_config_from_fms(config, text: dict | None = None):
     """transformers' config for an fms-speech config (the model's own `hf_config`).
 
-    The tiny defaults' special token ids, then `text`, are set on its LLM config (the fms-speech
-    config does not hold them).
+    For the two LLM types, the tiny defaults' special token ids, then `text`, are set on its LLM
+    config (the fms-speech config does not hold them).
     """
-    hf = hf_config(config)
+    if isinstance(config, FmsGraniteSpeech5Config):
+        return granite_speech5.hf_config(config)
+    if isinstance(config, FmsGraniteSpeechPlusConfig):
+        hf = granite_speech_plus.hf_config(config)
+    elif isinstance(config, FmsGraniteSpeechConfig):
+        hf = granite_speech.hf_config(config)
+    else:
+        raise TypeError(f"not a config of the Granite Speech family: {type(config).__name__}")
     special_ids = {k: v for k, v in TINY_TEXT.items() if k.endswith("_token_id")}
     for key, value in {**special_ids, **(text or {})}.items():
         setattr(hf.text_config, key, value)
@@ -150,10 +214,14 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None
                 continue
             if name.endswith("running_var"):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif name.endswith(("norm.weight", "LayerNorm.weight", "layernorm.weight")):
+            elif _NORM_WEIGHT.search(name):
                 tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
             else:
                 tensor.copy_(scale * torch.randn(tensor.shape, generator=generator))
+
+
+# LayerNorm/BatchNorm scales: near 1 (norm.weight, LayerNorm.weight, norm_out.weight, ...)
+_NORM_WEIGHT = re.compile(r"(norm|LayerNorm)[^.]*\.weight$")
 
 
 def make_reference(
@@ -164,7 +232,8 @@ def make_reference(
     weight_scale: float | None = 0.3,
     dtype: torch.dtype = torch.float32,
 ):
-    """The reference model (a peft model) with random weights and a random LoRA on q_proj/v_proj.
+    """The reference model (a peft model) with random weights and a random LoRA on q_proj/v_proj;
+    with lora_rank=0 (or a config without an adapter) the plain transformers model.
 
     `weight_scale`: every weight and LoRA matrix drawn at this scale (`randomize`), so that a
     wrong mapping of any tensor shows in the outputs; None keeps transformers' initialisation
@@ -174,9 +243,11 @@ def make_reference(
     import peft
 
     torch.manual_seed(seed)
-    model = GraniteSpeechForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model = reference_class(config)._from_config(config, dtype=dtype).eval()
     if weight_scale is not None:
         randomize(model, seed, weight_scale)
+    if lora_rank == 0 or not config.has_lora_adapter:
+        return model
     lora = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
     peft_model = peft.get_peft_model(model, lora)
     drawn, scale = ("lora_B", 0.02) if weight_scale is None else ("lora_", weight_scale)
@@ -190,18 +261,21 @@ def make_reference(
 
 
 def save_reference(peft_model, directory: Path, max_shard_size: str = "50KB") -> Path:
-    """Hub layout: base weights by save_pretrained + the PEFT adapter beside them.
+    """Hub layout: base weights by save_pretrained + the PEFT adapter beside them (if any).
 
     The default shard size is tiny, so that loading goes through the shard index.
     """
     directory = Path(directory)
+    if not hasattr(peft_model, "get_base_model"):  # no adapter
+        peft_model.save_pretrained(directory, max_shard_size=max_shard_size)
+        return directory
     base = peft_model.get_base_model()
     # the base weights without the LoRA layers, under their plain names
     state = {
         k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k
     }
     with torch.device("meta"):  # the plain architecture (no memory): the index counts its size
-        plain = GraniteSpeechForConditionalGeneration._from_config(base.config, dtype=base.dtype)
+        plain = reference_class(base.config)._from_config(base.config, dtype=base.dtype)
     plain.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
     with tempfile.TemporaryDirectory() as adapter_dir:
         peft_model.save_pretrained(adapter_dir)
@@ -211,16 +285,26 @@ def save_reference(peft_model, directory: Path, max_shard_size: str = "50KB") ->
 
 
 def save_named(name: str, directory: Path):
-    """One of the tests' `CONFIGS`, made and saved; returns the peft reference."""
-    overrides = dict(CONFIGS[name])
-    reference = make_reference(reference_config(**overrides), seed=len(name))
+    """One of the tests' `CONFIGS` or `PLUS_CONFIGS`, made and saved; returns the reference
+    (a peft model; its adapter is saved only when the config has one)."""
+    overrides = dict({**CONFIGS, **PLUS_CONFIGS}[name])
+    config = reference_config(**overrides)
+    reference = make_reference(config, seed=len(name))
     save_reference(reference, directory)
     return reference
 
 
 def load_reference(directory: Path, dtype: torch.dtype = torch.float32):
     """The reference from a hub-style directory, with its PEFT adapter (injected) if it has one."""
-    model = GraniteSpeechForConditionalGeneration.from_pretrained(str(directory), dtype=dtype)
+    config = json.loads((Path(directory) / "config.json").read_text())
+    if config.get("model_type") == granite_speech5.HF_MODEL_TYPE:
+        return GraniteSpeech5ForCTC.from_pretrained(str(directory), dtype=dtype).eval()
+    model_class = (
+        GraniteSpeechPlusForConditionalGeneration
+        if config.get("model_type") == "granite_speech_plus"
+        else GraniteSpeechForConditionalGeneration
+    )
+    model = model_class.from_pretrained(str(directory), dtype=dtype)
     if (Path(directory) / "adapter_config.json").is_file():
         import peft
 
@@ -244,13 +328,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # ---- a small tokenizer with a Granite-style chat template, matched to reference_config's ids
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content']"
-    " + '<|end_of_text|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
-)
 SPECIAL_TOKENS = {
     "<|begin_of_text|>": 0,
     "<|end_of_text|>": 1,  # eos, as in reference_config
@@ -292,5 +369,151 @@ def save_tokenizer(directory: Path, vocab_size: int = 256) -> Path:
         padding_side="left",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+# ---- granite_speech5: the CTC model, its configurations and a small CTC tokenizer
+
+BLANK = 0  # pad = blank, as published
+SPEECH5_VOCAB = 96
+# the tiny defaults: 3 blocks (the first two subsample, block 1 carries the mid-layer CTC),
+# context 8, kernel 5, head_dim != hidden / heads
+SPEECH5_TINY_ENCODER = {
+    "vocab_size": SPEECH5_VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "head_dim": 24,
+    "num_mel_bins": 80,
+    "max_position_embeddings": 16,
+    "context_size": 8,
+    "conv_kernel_size": 5,
+    "conv_expansion_factor": 2,
+    "subsample_layers": [0, 1],
+}
+# Keys: speech5_config's arguments. Lengths are chosen by the tests (odd ones, shorter than a
+# block); these differ in what the reference allows of the architecture.
+SPEECH5_CONFIGS = {
+    "ctc_tiny": {},
+    # three subsampling blocks (time / 8) of five, context 5, kernel 3, four heads of 8
+    "ctc_three_subsamplings": dict(
+        encoder=dict(
+            num_hidden_layers=5,
+            subsample_layers=[0, 1, 3],
+            context_size=5,
+            conv_kernel_size=3,
+            num_attention_heads=4,
+            head_dim=8,
+        ),
+    ),
+    # one subsampling block, not the first; untied CTC head; no feed-forward biases; context 7
+    "ctc_untied_late_subsampling": dict(
+        encoder=dict(
+            num_hidden_layers=4,
+            subsample_layers=[2],
+            context_size=7,
+            conv_kernel_size=7,
+            attention_bias=False,
+        ),
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def speech5_config(
+    encoder: dict | None = None, tie_word_embeddings: bool = True
+) -> GraniteSpeech5CTCConfig:
+    """A tiny granite_speech5 config; `encoder` overrides the encoder's defaults."""
+    encoder_config = {**SPEECH5_TINY_ENCODER, **(encoder or {})}
+    return GraniteSpeech5CTCConfig(
+        vocab_size=encoder_config["vocab_size"],
+        pad_token_id=BLANK,
+        tie_word_embeddings=tie_word_embeddings,
+        encoder_config=encoder_config,
+    )
+
+
+def make_speech5_reference(
+    config: GraniteSpeech5CTCConfig,
+    seed: int = 0,
+    weight_scale: float | None = 0.3,
+    dtype: torch.dtype = torch.float32,
+) -> GraniteSpeech5ForCTC:
+    """The reference CTC model with random weights (see `make_reference`'s `weight_scale`)."""
+    torch.manual_seed(seed)
+    model = GraniteSpeech5ForCTC._from_config(config, dtype=dtype).eval()
+    if weight_scale is not None:
+        randomize(model, seed, weight_scale)
+        if config.tie_word_embeddings:
+            model.tie_weights()  # randomize copied into both; keep the tie explicit
+    return model
+
+
+def save_speech5_named(name: str, directory: Path, max_shard_size: str = "20KB"):
+    """One of `SPEECH5_CONFIGS`, made and saved by `save_pretrained` (sharded); the reference."""
+    reference = make_speech5_reference(speech5_config(**SPEECH5_CONFIGS[name]), seed=len(name))
+    reference.save_pretrained(directory, max_shard_size=max_shard_size)
+    return reference
+
+
+# SentencePiece-style pieces: "▁" starts a word; the others continue one
+CTC_PIECES = [
+    "▁hello",
+    "▁world",
+    "▁one",
+    "▁two",
+    "▁three",
+    "▁four",
+    "▁five",
+    "▁six",
+    "▁seven",
+    "▁eight",
+    "▁nine",
+    "▁ten",
+    "▁the",
+    "▁quick",
+    "▁brown",
+    "▁fox",
+    "▁jumps",
+    "▁over",
+    "▁lazy",
+    "▁dog",
+    "▁a",
+    "▁granite",
+    "▁speech",
+    "▁model",
+    "▁runs",
+    "▁fast",
+    "▁and",
+    "▁well",
+    "s",
+    "ing",
+    "ed",
+    "er",
+    "ly",
+    "▁re",
+    "▁un",
+    "▁.",
+    "▁,",
+    "▁?",
+]
+
+
+def save_ctc_tokenizer(directory: Path, vocab_size: int = SPEECH5_VOCAB) -> Path:
+    """A `ParakeetTokenizer` (the reference's class for granite_speech5) with `vocab_size` ids:
+    <pad> (the blank) = 0, <unk> = 1, then word and sub-word pieces, saved in the hub layout."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.models.parakeet.tokenization_parakeet import ParakeetTokenizer
+
+    vocab = {"<pad>": BLANK, "<unk>": 1}
+    pieces = iter(CTC_PIECES)
+    for token_id in range(2, vocab_size):
+        vocab[next(pieces, f"▁w{token_id}")] = token_id
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = ParakeetTokenizer(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
     tokenizer.save_pretrained(directory)
     return Path(directory)
