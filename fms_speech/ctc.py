@@ -185,6 +185,14 @@ def _split_long(words: list[Word]) -> list[list[Word]]:
     return _split_long(words[:cut]) + _split_long(words[cut:])
 
 
+class UnsupportedOption(ValueError):
+    """An option a CTC model cannot honour: `option` names it, `reason` says why."""
+
+    def __init__(self, option: str, reason: str):
+        super().__init__(f"a CTC model {reason}")
+        self.option, self.reason = option, reason
+
+
 class CTCRunner:
     """What the Transcriber runs for a CTC checkpoint (granite_speech5)."""
 
@@ -197,13 +205,13 @@ class CTCRunner:
 
     @staticmethod
     def check_options(options) -> None:
-        """ValueError, one sentence, for an option a CTC model cannot honour."""
+        """UnsupportedOption, one sentence, for an option a CTC model cannot honour."""
         if options.task != "transcribe":
-            raise ValueError(f"a CTC model only transcribes: --task {options.task} needs an LLM")
+            raise UnsupportedOption("task", "only transcribes (translation needs an LLM)")
         if options.prompt is not None:
-            raise ValueError("a CTC model takes no prompt: --prompt needs an LLM")
+            raise UnsupportedOption("prompt", "takes no prompt (prompts need an LLM)")
         if options.num_beams != 1:
-            raise ValueError("a CTC model decodes greedily: --num-beams must be 1")
+            raise UnsupportedOption("num_beams", "decodes greedily (num_beams must be 1)")
 
     @torch.inference_mode()
     def run(

@@ -425,6 +425,30 @@ class Transcriber:
             yield from map(assemble, self.run_windows(batch))
 
     @torch.inference_mode()
+    def generation_batch(
+        self,
+        waveforms: list[torch.Tensor],
+        templates: list[str],
+        num_beams: int,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+    ) -> GenerationBatch:
+        """One model call's inputs: features, each chat template with its window's audio
+        tokens, and the decoding settings (`eos_token_id` -1 disables the end of text)."""
+        features, feature_lengths = log_mel([waveform.to(self.device) for waveform in waveforms])
+        counts = self.model.audio_token_counts(features, feature_lengths).tolist()
+        prompts = [
+            prompt_ids(self.tokenizer, template, count)
+            for template, count in zip(templates, counts, strict=True)
+        ]
+        settings = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
+            "pad_token_id": _pad_id(self.tokenizer),
+            "num_beams": num_beams,
+        }
+        return GenerationBatch(prompts, features.to(self.dtype), feature_lengths, settings)
+
     def _generate(self, batch: list[_Window], on_tokens=None) -> dict[str, float]:
         if self.ctc is not None:
             waveforms = [window.waveform for window in batch]
@@ -440,20 +464,13 @@ class Transcriber:
         ):
             raise ValueError("windows of one model call must share num_beams and max_new_tokens")
         started = time.perf_counter()
-        features, feature_lengths = log_mel([window.waveform.to(self.device) for window in batch])
-        counts = self.model.audio_token_counts(features, feature_lengths).tolist()
-        prompts = [
-            prompt_ids(self.tokenizer, window.owner.template, n)
-            for window, n in zip(batch, counts, strict=True)
-        ]
+        batch_inputs = self.generation_batch(
+            [window.waveform for window in batch],
+            [window.owner.template for window in batch],
+            num_beams=options.num_beams,
+            max_new_tokens=options.max_new_tokens,
+        )
         features_seconds = time.perf_counter() - started
-        settings = {
-            "max_new_tokens": options.max_new_tokens,
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": _pad_id(self.tokenizer),
-            "num_beams": options.num_beams,
-        }
-        batch_inputs = GenerationBatch(prompts, features.to(self.dtype), feature_lengths, settings)
         output = self.run_generation(batch_inputs, on_tokens)
         for window, sequence, mean_logprob, first_eos_prob in zip(
             batch, output.sequences, output.mean_logprobs, output.first_eos_probs, strict=True

@@ -133,6 +133,7 @@ def test_options_a_ctc_model_cannot_honour_are_refused(
     ctc_checkpoints, audio_files, capsys, options, message
 ):
     _, _, directory = ctc_checkpoints[CONFIG]
+    capsys.readouterr()  # not the fixtures' output (saving a checkpoint prints a progress bar)
     code, out, err = _run(capsys, audio_files[0], "--model", directory, *options)
     assert code == 2
     assert out == ""

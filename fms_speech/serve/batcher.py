@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fms_speech._compat import compiled_graph_count
-from fms_speech.audio import SAMPLE_RATE, log_mel
-from fms_speech.distributed import DistributedError, GenerationBatch
-from fms_speech.prompts import chat_text, prompt_ids
+from fms_speech.audio import SAMPLE_RATE
+from fms_speech.distributed import DistributedError
+from fms_speech.prompts import chat_text
 from fms_speech.serve.metrics import ServerMetrics
 from fms_speech.transcribe import TranscribeOptions, Transcriber, Transcription, assemble
 
@@ -143,14 +143,16 @@ class Batcher:
     # ---- the worker thread
 
     def _work(self) -> None:
+        failed = "the warm-up failed"  # a model that cannot run a dummy batch cannot serve
         try:
             self._warm_up()
+            failed = "the model worker stopped"
             self._serve_batches()
         except DistributedError as error:  # the ranks are out of step: the server stops
             self.on_fatal(str(error))
             return
-        except Exception as error:  # a model that cannot run a dummy batch cannot serve
-            self.on_fatal(f"the warm-up failed: {str(error).splitlines()[0]}")
+        except Exception as error:
+            self.on_fatal(f"{failed}: {str(error).splitlines()[0]}")
         self.transcriber.close()  # tensor parallel: the other ranks' follow() returns
 
     def _warm_up(self) -> None:
@@ -271,8 +273,7 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
     the model would answer nothing.
     """
     generator = torch.Generator().manual_seed(0)
-    tokenizer = transcriber.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    template = chat_text(transcriber.tokenizer, options.instruction())
     for seconds in ([3.0], [5.0, 2.0]):
         waveforms = [
             0.01 * torch.randn(int(s * SAMPLE_RATE), generator=generator).to(transcriber.device)
@@ -283,12 +284,8 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
                 transcriber.runner, waveforms, transcriber.device, transcriber.dtype
             )
             continue
-        template = chat_text(tokenizer, options.instruction())
-        features, lengths = log_mel(waveforms)
-        counts = transcriber.model.audio_token_counts(features, lengths).tolist()
-        settings = {"max_new_tokens": 2, "eos_token_id": -1, "pad_token_id": pad, "num_beams": 1}
-        prompts = [prompt_ids(tokenizer, template, n) for n in counts]
-        # through the Transcriber: under tensor parallelism every rank runs the warm-up too
-        transcriber.run_generation(
-            GenerationBatch(prompts, features.to(transcriber.dtype), lengths, settings)
+        inputs = transcriber.generation_batch(
+            waveforms, [template] * len(waveforms), num_beams=1, max_new_tokens=2, eos_token_id=-1
         )
+        # through the Transcriber: under tensor parallelism every rank runs the warm-up too
+        transcriber.run_generation(inputs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import FormData, UploadFile
 
+from fms_speech.ctc import CTCRunner, UnsupportedOption
 from fms_speech.prompts import LANGUAGES
 from fms_speech.transcribe import TranscribeOptions, Transcription
 from fms_speech.writers import to_srt, to_txt, to_vtt
@@ -121,41 +122,22 @@ def parse_request(form: FormData, task: str, limits: Limits) -> AudioRequest:
     }
     num_beams = _integer(form, "num_beams", 1, limits.max_num_beams)
     max_new_tokens = _integer(form, "max_new_tokens", 1, limits.options.max_new_tokens)
-    if limits.ctc:
-        _check_ctc_request(task, overrides["prompt"], num_beams)
     overrides |= {"num_beams": num_beams} if num_beams is not None else {}
     overrides |= {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
     try:
         options = dataclasses.replace(limits.options, **overrides)
     except ValueError as error:  # e.g. a prompt without a usable instruction
         raise APIError(400, str(error), param="prompt", code="invalid_value") from None
+    if limits.ctc:
+        try:
+            CTCRunner.check_options(options)
+        except UnsupportedOption as refused:  # the translate endpoint has no parameter to name
+            param = None if refused.option == "task" else refused.option
+            message = f"This model is a CTC model: it {refused.reason}."
+            raise APIError(400, message, param=param, code="unsupported_value") from None
     target = overrides["language"] if task == "translate" else language or "en"
     name = LANGUAGES.get(target.lower(), target).lower()
     return AudioRequest(upload, options, response_format, stream, name, words)
-
-
-def _check_ctc_request(task: str, prompt: str | None, num_beams: int | None) -> None:
-    """What a CTC model cannot do, refused in OpenAI's terms."""
-    if task != "transcribe":
-        raise APIError(
-            400,
-            "This model is a CTC model: it transcribes only; translations need an LLM model.",
-            code="unsupported_value",
-        )
-    if prompt is not None:
-        raise APIError(
-            400,
-            "This model is a CTC model: it takes no prompt.",
-            param="prompt",
-            code="unsupported_value",
-        )
-    if num_beams not in (None, 1):
-        raise APIError(
-            400,
-            "This model is a CTC model: it decodes greedily, num_beams must be 1.",
-            param="num_beams",
-            code="unsupported_value",
-        )
 
 
 def _text(form: FormData, name: str) -> str | None:
