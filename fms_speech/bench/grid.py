@@ -12,14 +12,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.models.granite_speech.modeling_granite_speech import GraniteSpeechCTCEncoder
 
 from fms_speech.audio import FEATURE_DIM, FRAMES_PER_SECOND
 from fms_speech.bench.measure import summary, timed
 from fms_speech.compile import compile_model
-from fms_speech.models import GraniteSpeechConfig
 from fms_speech.models.conformer import ConformerConfig, ConformerEncoder
-from fms_speech.testing.reference import hf_config_from_fms, randomize
+from fms_speech.testing.reference import randomize, reference_encoder
 
 IMPLEMENTATIONS = ("reference eager", "fms eager", "fms compiled")
 
@@ -54,27 +52,6 @@ DEFAULT_GRID = (
     EncoderWidth(1024, 4, 8, 128),
 )
 QUICK_GRID = (EncoderWidth(32, 1, 2, 16),)
-
-
-def reference_encoder(fms_encoder: ConformerEncoder, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' encoder holding the same weights (through the checkpoint key mapping)."""
-    config = hf_config_from_fms(GraniteSpeechConfig(encoder_config=fms_encoder.config))
-    encoder = GraniteSpeechCTCEncoder(config.encoder_config).to(dtype).eval()
-    ours = fms_encoder.state_dict()
-    renamed = {}
-    for name in encoder.state_dict():
-        source = (
-            name.replace("up_proj", "mlp.w1")
-            .replace("down_proj", "mlp.w2")
-            .replace("depth_conv.conv", "depth_conv")
-        )
-        if source in ours:
-            renamed[name] = ours[source]
-    missing = set(encoder.state_dict()) - set(renamed)
-    if missing:
-        raise ValueError(f"no fms-speech weight for {sorted(missing)[:3]}")
-    encoder.load_state_dict(renamed)
-    return encoder
 
 
 def _encoders(width: EncoderWidth, dtype: torch.dtype, device: torch.device):
