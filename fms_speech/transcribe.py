@@ -424,7 +424,6 @@ class Transcriber:
             batch, queue = queue[: options.batch_size], queue[options.batch_size :]
             yield from map(assemble, self.run_windows(batch))
 
-    @torch.inference_mode()
     def generation_batch(
         self,
         waveforms: list[torch.Tensor],
@@ -449,6 +448,7 @@ class Transcriber:
         }
         return GenerationBatch(prompts, features.to(self.dtype), feature_lengths, settings)
 
+    @torch.inference_mode()
     def _generate(self, batch: list[_Window], on_tokens=None) -> dict[str, float]:
         if self.ctc is not None:
             waveforms = [window.waveform for window in batch]

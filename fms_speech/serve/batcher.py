@@ -273,7 +273,6 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
     the model would answer nothing.
     """
     generator = torch.Generator().manual_seed(0)
-    template = chat_text(transcriber.tokenizer, options.instruction())
     for seconds in ([3.0], [5.0, 2.0]):
         waveforms = [
             0.01 * torch.randn(int(s * SAMPLE_RATE), generator=generator).to(transcriber.device)
@@ -284,6 +283,7 @@ def warm_up(transcriber: Transcriber, options: TranscribeOptions) -> None:
                 transcriber.runner, waveforms, transcriber.device, transcriber.dtype
             )
             continue
+        template = chat_text(transcriber.tokenizer, options.instruction())  # (no CTC template)
         inputs = transcriber.generation_batch(
             waveforms, [template] * len(waveforms), num_beams=1, max_new_tokens=2, eos_token_id=-1
         )
