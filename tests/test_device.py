@@ -8,7 +8,9 @@ too. Tolerances, max |x - y| / max |y|:
   keeps 8 bits of mantissa and errors compound over the layers; on these random weights the
   reference in bf16 is 5e-2 away), and the same argmax at >= 98% of positions;
 - compiled against eager in the same dtype: 1e-4 in fp32, 2e-2 in bf16 (inductor keeps fp32
-  intermediates where eager rounds every op to bf16); greedy tokens equal.
+  intermediates where eager rounds every op to bf16); greedy tokens equal in fp32; in bf16 they
+  may part only where eager's own logits nearly tie: the two tokens' logits no further apart
+  than 2e-2 of the largest |logit| (a random model has such near-ties; bf16 rounding picks).
 """
 
 import copy
@@ -67,6 +69,24 @@ def _reference_logits(reference, prompt, features):
     ids = torch.tensor([prompt], device=features.device)
     with torch.no_grad():
         return reference(input_ids=ids, input_features=features[None]).logits / scaling
+
+
+def _assert_parts_only_at_near_tie(model, prompt, clip, ours, eager, tolerance):
+    """Greedy tokens of the compiled and the eager model are equal, or they part at a step where
+    the eager model's logits of the two tokens lie within tolerance x max |logit|."""
+    steps = [(a, b) for a, b in zip(ours + [EOS], eager + [EOS], strict=False)]
+    parted = next((i for i, (a, b) in enumerate(steps) if a != b), None)
+    if parted is None:
+        assert len(ours) == len(eager)
+        return
+    ids = torch.tensor([prompt + eager[:parted]], device=clip.device)
+    with torch.no_grad():
+        logits = model(ids, input_features=clip[None])[0, -1].float()
+    ours_token, eager_token = steps[parted]
+    gap = (logits[eager_token] - logits[ours_token]).item()
+    assert gap <= tolerance * logits.abs().max().item(), (
+        f"compiled and eager part at step {parted} where eager's logits are {gap:.4f} apart"
+    )
 
 
 def _block(model) -> int:
@@ -152,7 +172,14 @@ def test_compiled_matches_eager_with_two_graphs_per_phase(
         kwargs = dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
         ours = generate(compiled, prompts, features, lengths, **kwargs)
         eager = generate(model, prompts, features, lengths, **kwargs)
-        assert ours.sequences == eager.sequences
+        if dtype == torch.float32:
+            assert ours.sequences == eager.sequences
+        else:
+            for row, prompt in enumerate(prompts):
+                clip = features[row, : lengths[row]]
+                _assert_parts_only_at_near_tie(
+                    model, prompt, clip, ours.sequences[row], eager.sequences[row], tolerance
+                )
         actual = _prefill_logits(compiled, model, prompts, features, lengths)
         expected = _prefill_logits(model, model, prompts, features, lengths)
         assert relative_error(actual, expected) <= tolerance
