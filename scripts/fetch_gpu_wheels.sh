@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the wheels scripts/gpu_check.sh installs (scripts/gpu-wheels.txt, about 12 MB) into
+# Download the wheels scripts/gpu_check.sh installs (scripts/gpu-wheels.txt, about 26 MB) into
 # scripts/wheels/ for a machine with Python 3.12 on x86-64 and no network. Run it where pip can
 # reach PyPI; the wheels are not committed (binaries in git history): carry scripts/wheels with
 # the working tree (the device tool's `carry`, or copy it).
