@@ -5,15 +5,32 @@ why it is needed. docs/upstream.md proposes the public API FMS could offer inste
 fms_speech uses public APIs only.
 """
 
+import torch._dynamo
+import torch._inductor
 from fms.models import granite as _fms_granite
 from fms.models.hf import config_utils as _fms_config_utils
 from fms.utils import generation as _fms_generation
+from torch._dynamo import eval_frame as _dynamo_eval_frame
 from torch._dynamo.utils import counters as _dynamo_counters
 from torch.fx.experimental import _config as _torch_fx_config
 
 # torch's symbolic-shape settings (`backed_size_oblivious`, `use_duck_shape`) that keep one
 # dynamic graph for every length and batch (fms_speech.compile); torch 2.13 has no public switch.
 fx_config = _torch_fx_config
+
+# Marking an input dimension dynamic before dynamo traces a call (the model's forward pre-hook):
+# documented in torch's dynamic-shapes guide, but only under torch._dynamo in 2.13.
+maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic
+
+# Runs a function's frame outside dynamo when it is the frame dynamo would compile, yet lets
+# dynamo inline it when traced from an enclosing compiled frame (unlike torch.compiler.disable,
+# which would be a graph break there): the model's forward pre-hook above.
+run_frame_eagerly = _dynamo_eval_frame.skip_code
+
+# AOTInductor's entry points (fms_speech.aot): documented in torch's AOTInductor guide, but
+# only under torch._inductor in 2.13.
+aoti_compile_and_package = torch._inductor.aoti_compile_and_package
+aoti_load_package = torch._inductor.aoti_load_package
 
 # The permutation FMS applies to HF q/k rows for its RoPE layout: the audio LoRA's q B matrix
 # must be permuted alike. ibm-fms 1.13.1 only registers it as a step of the whole Granite

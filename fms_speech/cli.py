@@ -1,4 +1,5 @@
-"""`fms-speech`: the command line (`transcribe`, `eval`, `train`, and `bench` from fms_speech.bench).
+"""`fms-speech`: the command line (`transcribe`, `compile`, `eval`, `train`, `serve`, and `bench`
+from fms_speech.bench).
 
 Exit codes: 0 every input transcribed; 1 some inputs failed; 2 nothing was transcribed (bad
 arguments, an unusable checkpoint, or every input failed). Each failure is one line on stderr.
@@ -16,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from fms_speech import distributed
@@ -102,6 +104,32 @@ def _add_model_arguments(parser) -> None:
     )
 
 
+def _add_compile(commands) -> None:
+    parser = commands.add_parser(
+        "compile",
+        help="precompile a checkpoint for --compile (a warm start in seconds)",
+        description="Export and compile the model's prefill and decode steps ahead of time "
+        "(minutes) into a cache that `transcribe --compile` and the Python API use when they "
+        "find artifacts made for the same checkpoint config, dtype, device, thread count and "
+        "versions; otherwise they compile just in time.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the artifacts go (default: $FMS_SPEECH_CACHE, else ~/.cache/fms-speech); "
+        "transcribe reads $FMS_SPEECH_CACHE",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild artifacts that exist")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads, as `serve --threads` will run (default: all cores; part of the key)",
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -115,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_transcribe(commands)
+    _add_compile(commands)
     _add_eval(commands)
     _add_train(commands)
     bench_cli.add_command(commands)
@@ -255,6 +284,31 @@ def exit_code(succeeded: int, total: int) -> int:
     if succeeded == total:
         return EXIT_OK
     return EXIT_SOME_FAILED if succeeded else EXIT_NOTHING_RAN
+
+
+def compile_checkpoint(args) -> int:
+    """`fms-speech compile`: the artifacts of one checkpoint, dtype and device."""
+    from fms_speech import aot
+
+    if args.threads:  # inductor writes the thread count into its CPU kernels
+        torch.set_num_threads(args.threads)
+    try:
+        transcriber = Transcriber.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    except (ValueError, OSError, RuntimeError) as error:  # CheckpointError is a ValueError
+        _fail(str(error).splitlines()[0])
+        return EXIT_NOTHING_RAN
+    try:
+        report = aot.prepare(transcriber.model, args.cache_dir, force=args.force)
+    except Exception as error:  # noqa: BLE001  (export/compile errors of any kind: one line)
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        _fail(f"cannot precompile {args.model}: {type(error).__name__}: {message}")
+        return EXIT_NOTHING_RAN
+    if report.reused:
+        print(f"up to date: {report.directory}")
+    else:
+        times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
+        print(f"compiled into {report.directory} ({times})")
+    return EXIT_OK
 
 
 # ---- under torchrun: every rank runs `transcribe`; rank 0 speaks for the run
@@ -426,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command == "transcribe":
         return transcribe(args)
+    if args.command == "compile":
+        return compile_checkpoint(args)
     if args.command == "eval":
         return evaluate(args)
     if args.command == "train":

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from fms.models import get_model
 from transformers import AutoTokenizer
 
+from fms_speech.aot import compiled_runner
 from fms_speech.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -57,6 +58,7 @@ from fms_speech.ctc import (
 )
 from fms_speech.distributed import DistributedError, GenerationBatch, Lockstep, single_rank_group
 from fms_speech.generation import GenerationOutput
+from fms_speech.models.granite_speech import GraniteSpeech
 from fms_speech.models.granite_speech5 import GraniteSpeech5
 from fms_speech.prompts import chat_text, instruction, load_tokenizer, prompt_ids
 from fms_speech.stitch import stitch
@@ -208,7 +210,13 @@ class Transcriber:
         self.device = device
         self.dtype = dtype
         self.compile = compile
-        self.runner = compile_model(model) if compile else model
+        if compile and not tensor_parallel and type(model) is GraniteSpeech:
+            # precompiled artifacts when `fms-speech compile` made them, else just in time
+            # (artifacts hold the whole model's kernels, not a rank's shard; the other model
+            # types are compiled just in time: `fms-speech compile` refuses them)
+            self.runner = compiled_runner(model)
+        else:
+            self.runner = compile_model(model) if compile else model
         # the model's path: a CTC model has no prompt and no generation
         self.ctc = CTCRunner(model, tokenizer) if isinstance(model, GraniteSpeech5) else None
         self.stages = self.ctc.stages if self.ctc is not None else STAGES

@@ -1,5 +1,7 @@
-"""Session fixtures: small checkpoints saved by the reference, loaded once per session."""
+"""Session fixtures: small checkpoints saved by the reference, loaded once per session;
+`--device` (or $FMS_SPEECH_TEST_DEVICE) for the tests written for any device (test_device.py)."""
 
+import os
 from pathlib import Path
 
 import fms.models
@@ -14,6 +16,25 @@ from fms_speech.testing.reference import (
     save_speech5_named,
     save_tokenizer,
 )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default=os.environ.get("FMS_SPEECH_TEST_DEVICE", "cpu"),
+        help="device of tests/test_device.py: cpu (default), cuda, cuda:1 ...",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"--device {device} was asked for but no GPU is usable", pytrace=False)
+    if device.type == "cuda":  # fp32 means fp32: no TF32 in matrix products or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 class Checkpoints:

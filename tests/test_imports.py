@@ -50,7 +50,7 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     assert not failed, failed
 
 
-@pytest.mark.parametrize("command", ["transcribe"])
+@pytest.mark.parametrize("command", ["transcribe", "compile"])
 def test_cli_help_does_not_load_model_reference_code(command):
     code = (
         "import sys\n"

@@ -46,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="parts to leave out")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
-    parser.add_argument("--cuda-graphs", action="store_true", help="fms compiled: reduce-overhead")
     parser.add_argument("--profile", action="store_true", help="top ops per stage (torch.profiler)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: fp32, eager backend")
     parser.add_argument("--output-dir", type=Path, default=Path("bench-results"))

@@ -6,6 +6,8 @@ from fms_speech.bench.results import (
     STAGE_LABELS,
     STAGES,
     all_shapes,
+    break_even,
+    format_audio,
     format_seconds,
     lookup,
     stage_stats,
@@ -81,6 +83,8 @@ def markdown(results: dict, profiles: dict[str, str]) -> str:
         lines += _table(["shape", "stage", *names], rows)
     lines += _errors_section(results)
     lines += _mixed_section(results)
+    lines += _break_even_section(results)
+    lines += _grid_section(results)
     lines += _compile_section(results)
     lines += _machine_section(results)
     lines += _explain_section(results.get("explain"))
@@ -151,8 +155,12 @@ def _mixed_section(results: dict) -> list[str]:
                 continue
             rows.append(_mixed_row(f"{name}, {dtype}", mixed))
         warm = lookup(results, "warm_cache", dtype)
-        if warm:
+        if warm and "first_pass" in warm:
             rows.append(_mixed_row(f"fms compiled, {dtype}, second process (warm cache)", warm))
+        aot = lookup(results, "warm_cache", "aot", dtype)
+        if aot and "first_pass" in aot:
+            label = f"fms precompiled, {dtype}, second process (load {aot['load_seconds']:.2f} s)"
+            rows.append(_mixed_row(label, aot))
     if not rows:
         return []
     settings = results["meta"]["settings"]
@@ -178,6 +186,88 @@ def _mixed_section(results: dict) -> list[str]:
         rows,
     )
     return lines
+
+
+def _break_even_section(results: dict) -> list[str]:
+    rows = []
+    for dtype in results["runs"]:
+        for row in break_even(results, dtype):
+            steady = row["seconds_per_audio_second"]
+            rows.append(
+                [
+                    f"{row['path']}, {dtype}",
+                    format_seconds(row["overhead_seconds"]),
+                    f"{steady:.3g}" if steady else "-",
+                    *(
+                        row[name] if row[name] == "not measured" else format_audio(row[name])
+                        for name in ("reference eager", "fms eager")
+                    ),
+                ]
+            )
+    builds = results.get("aot_build", {})
+    if not rows and not builds:
+        return []
+    lines = [
+        "## Warm start and break-even",
+        "",
+        "Overhead: what compiling adds before the steady state (mixed workload: first pass "
+        "minus second pass; a precompiled process adds loading its artifacts; the first "
+        "precompiled row adds making them). Break-even: the audio after which the compiled "
+        "run, overhead included, has taken less time than the eager one (steady speeds of "
+        "the mixed workload's second pass).",
+        "",
+    ]
+    lines += _table(
+        [
+            "path, dtype",
+            "overhead",
+            "steady s per audio s",
+            "beats reference eager after",
+            "beats fms eager after",
+        ],
+        rows,
+    )
+    for dtype, build in builds.items():
+        if "error" in build:
+            lines.append(f"- `fms-speech compile`, {dtype}: failed: {build['error']}")
+        else:
+            steps = ", ".join(f"{k} {format_seconds(v)}" for k, v in build["seconds"].items())
+            lines.append(
+                f"- `fms-speech compile`, {dtype}: {format_seconds(build['total_seconds'])} "
+                f"({steps})"
+            )
+    return lines + [""]
+
+
+def _grid_section(results: dict) -> list[str]:
+    grid = results.get("encoder_grid")
+    if not grid:
+        return []
+    names = ("reference eager", "fms eager", "fms compiled")
+    rows = []
+    for width, record in grid["widths"].items():
+        for shape, stats in record["shapes"].items():
+            ratio = stats["reference eager"]["median"] / stats["fms compiled"]["median"]
+            rows.append(
+                [
+                    width,
+                    shape,
+                    *(_cell(stats[name]) for name in names),
+                    f"{ratio:.2f}x",
+                    f"{stats['load_average']:.1f}",
+                ]
+            )
+    lines = [
+        f"## Encoder grid, {grid['dtype']}",
+        "",
+        f"The encoder alone at {grid['seconds']:g} s per clip, random weights shared by both "
+        "implementations, timed in turns (median [min–max] of "
+        f"{grid['repeats']}); one compiled graph per width serves every batch size.",
+        "",
+    ]
+    return lines + _table(
+        ["encoder", "clips", *names, "reference / compiled", "load average"], rows
+    )
 
 
 def _compile_section(results: dict) -> list[str]:

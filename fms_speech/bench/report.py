@@ -1,6 +1,12 @@
-"""What `fms-speech bench` writes: the printed table, bench.json, bench.md, profiles, plots."""
+"""What `fms-speech bench` writes: the printed table, bench.json, bench.md, profiles, plots.
+
+    python -m fms_speech.bench.report PARTIAL_JSON OUTPUT_DIR
+
+writes the report of a run stopped before its end from the bench-partial.json it left.
+"""
 
 import json
+import sys
 from pathlib import Path
 
 from fms_speech.bench.markdown import markdown, write_profiles
@@ -43,3 +49,15 @@ def write_all(results: dict, out_dir: Path) -> None:
     print(
         f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'} and {len(results['plots'])} plots"
     )
+
+
+def main(argv: list[str]) -> int:
+    partial, out_dir = Path(argv[0]), Path(argv[1])
+    results = json.loads(partial.read_text())
+    results["meta"].setdefault("command", "(stopped before its end: the systems it measured)")
+    write_all(results, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

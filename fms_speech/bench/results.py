@@ -151,3 +151,69 @@ def agreement(results: dict) -> dict:
         "first_logits_baseline": baseline_name,
         "first_logits_relative_error": errors,
     }
+
+
+# ---- warm start and break-even
+
+
+def format_audio(seconds: float | None) -> str:
+    """Seconds of audio as s, min or h."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def _steady(mixed: dict | None) -> float | None:
+    """Seconds per second of audio in the steady (second) pass of the mixed workload."""
+    if not mixed or "second_pass" not in mixed:
+        return None
+    return mixed["second_pass"] / mixed["audio_seconds"]
+
+
+def warm_start_overhead(mixed: dict | None) -> float | None:
+    """A precompiled process's compile overhead: loading the artifacts plus what its first pass
+    of the mixed workload took beyond its steady pass."""
+    if not mixed or "first_pass" not in mixed:
+        return None
+    return mixed.get("load_seconds", 0.0) + max(0.0, mixed["first_pass"] - mixed["second_pass"])
+
+
+def break_even(results: dict, dtype: str) -> list[dict]:
+    """Per way of compiling: its overhead, its steady speed, and the audio after which it beats
+    the reference eager and fms-speech eager (None: never, it is not faster)."""
+    systems = results["runs"].get(dtype, {})
+    jit = lookup(systems, "fms compiled", "mixed")
+    warm_jit = lookup(results, "warm_cache", dtype)
+    aot = lookup(results, "warm_cache", "aot", dtype)
+    build = lookup(results, "aot_build", dtype, "total_seconds")
+    paths = []
+    if jit and "compile_seconds" in jit:
+        paths.append(("compiled just in time, cold caches", jit["compile_seconds"], _steady(jit)))
+    if warm_jit and "compile_seconds" in warm_jit:
+        label = "compiled just in time, warm inductor cache (2nd process)"
+        paths.append((label, warm_jit["compile_seconds"], _steady(warm_jit)))
+    if aot and "first_pass" in aot:
+        if build is not None:
+            label = "precompiled: fms-speech compile once, then a process"
+            paths.append((label, build + warm_start_overhead(aot), _steady(aot)))
+        label = "precompiled, warm start (a process on the artifacts)"
+        paths.append((label, warm_start_overhead(aot), _steady(aot)))
+    baselines = {
+        name: _steady(lookup(systems, name, "mixed")) for name in ("reference eager", "fms eager")
+    }
+    rows = []
+    for label, overhead, steady in paths:
+        row = {"path": label, "overhead_seconds": overhead, "seconds_per_audio_second": steady}
+        for name, eager in baselines.items():
+            if eager is None or steady is None:
+                row[name] = "not measured"
+            elif eager > steady:  # seconds saved per second of audio
+                row[name] = overhead / (eager - steady)
+            else:
+                row[name] = None
+        rows.append(row)
+    return rows

@@ -1,11 +1,14 @@
 """A whole bench run: one process, one checkpoint, the same inputs for every system.
 
-- four systems (reference eager / compiled, fms eager / compiled), in each dtype asked for;
+- the systems (reference eager / compiled, fms eager / compiled, on CUDA also fms compiled with
+  CUDA graphs), in each dtype asked for;
 - per clip shape (length x batch): features, prefill, per-token decode and end to end (features
   + greedy generate of a fixed number of tokens), then encoder and projector alone;
 - a mixed-length workload run twice per system from a fresh dynamo state: the first pass pays
   every compilation it triggers, the second is the steady state; a second process with the same
-  inductor cache runs it again for fms compiled (the warm-cache compile);
+  inductor cache runs it again for fms compiled (the warm-cache compile), and a third on the
+  artifacts `fms-speech compile` made (the precompiled warm start);
+- the encoder alone over a grid of widths and batch sizes (bench.grid);
 - compilations, recompilations and graph breaks per section; peak memory; machine rates.
 The inductor cache starts empty (a temporary directory), so the compile times are cold ones.
 """
@@ -27,8 +30,10 @@ import torch._inductor.config as inductor_config
 from fms.models import list_variants
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
+from fms_speech import aot
 from fms_speech.bench import ctc, report
 from fms_speech.bench.checkpoints import load_fms, load_models
+from fms_speech.bench.grid import time_grid
 from fms_speech.bench.inputs import Prompter, make_workload
 from fms_speech.bench.measure import counts_since, fresh_dynamo
 from fms_speech.bench.parts import explain_graphs, machine_part, run_mixed, run_system
@@ -40,7 +45,7 @@ from fms_speech.bench.settings import (
     Settings,
     settings_from_args,
 )
-from fms_speech.bench.systems import FmsSystem, make_system
+from fms_speech.bench.systems import FmsSystem, PrecompiledSystem, make_system
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHITECTURES = ("granite_speech", "granite_speech_plus", "granite_speech5")
@@ -66,7 +71,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.systems:
         systems = [SYSTEM_SLUGS[s] for s in args.systems]
     elif args.variant or args.model or args.quick:
-        systems = list(SYSTEMS)
+        systems = [s for s in SYSTEMS if device.type == "cuda" or not s.endswith("cuda-graphs")]
     else:
         systems = list(DEFAULT_SYSTEMS)
         print(
@@ -76,8 +81,6 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     backend = "eager" if args.quick and args.backend == "inductor" else args.backend
     options = {"reference": {"backend": backend}, "fms": {"backend": backend}}
-    if args.cuda_graphs and device.type == "cuda":
-        options["fms"]["mode"] = "reduce-overhead"
     if args.profile:
         inductor_config.cpp.enable_kernel_profile = True  # name the fused kernels in profiles
     if ctc.is_ctc_run(args):
@@ -126,6 +129,8 @@ def _bad_arguments(args: argparse.Namespace) -> str | None:
         return f"--model {args.model} is not a checkpoint directory (no config.json)"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda but no GPU is usable"
+    if args.device != "cuda" and any(s.endswith("cuda-graphs") for s in args.systems or []):
+        return "the system fms-compiled-cuda-graphs needs --device cuda"
     return None
 
 
@@ -169,7 +174,17 @@ def _measure(args, settings: Settings, device, dtypes, systems, work: Path, opti
             system = make_system(name, models.reference, models.fms, device, options)
             with _phase(f"{name}, {dtype_name(dtype)}"):
                 runs[name] = run_system(system, dtype, workload, settings, device, args.profile)
+            _write_partial(results, args.output_dir)
+    if "encoder-grid" in settings.parts:
+        with _phase("encoder grid"):
+            results["encoder_grid"] = time_grid(
+                args.quick, torch.bfloat16, device, options["fms"], settings.repeats
+            )
+        _write_partial(results, args.output_dir)
     if "warm-cache" in settings.parts and "mixed" in settings.parts:
+        aot_cache = work / "aot"
+        with _phase("precompiling (fms-speech compile)"):
+            results["aot_build"] = build_artifacts(models.fms, dtypes, aot_cache)
         spec = {
             "checkpoint": str(models.checkpoint),
             "device": str(device),
@@ -182,21 +197,60 @@ def _measure(args, settings: Settings, device, dtypes, systems, work: Path, opti
         del models  # the child loads its own copy
         with _phase("warm-cache process"):
             results["warm_cache"] = run_warm_cache(spec, work)
+        with _phase("precompiled process"):
+            results["warm_cache"]["aot"] = run_warm_cache(
+                {**spec, "aot_cache": str(aot_cache)}, work
+            )
     return results
+
+
+def _write_partial(results: dict, out_dir: Path) -> None:
+    """What is measured so far, for `python -m fms_speech.bench.report` after a run stopped from
+    outside (a time limit). The logits kept for the agreement table are left out."""
+    runs = {
+        dtype: {
+            name: {k: v for k, v in record.items() if k != "first_logits"}
+            for name, record in systems.items()
+        }
+        for dtype, systems in results["runs"].items()
+    }
+    partial = {**results, "runs": runs}
+    (out_dir / "bench-partial.json").write_text(json.dumps(partial, indent=1, default=str))
+
+
+def build_artifacts(model, dtypes, cache_dir: Path) -> dict:
+    """`fms-speech compile` for each dtype: seconds per step, or the error."""
+    built = {}
+    for dtype in dtypes:
+        model.to(dtype)
+        started = time.perf_counter()
+        try:
+            report = aot.prepare(model, cache_dir)
+        except Exception as error:  # noqa: BLE001  (a failed export is a result to report)
+            built[dtype_name(dtype)] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            continue
+        built[dtype_name(dtype)] = {
+            "seconds": report.seconds,
+            "total_seconds": time.perf_counter() - started,
+        }
+    return built
 
 
 # ---- the warm-cache process
 
 
 def run_warm_cache(spec: dict, work: Path) -> dict:
-    """The mixed workload for fms compiled in a new process that shares the inductor cache."""
+    """The mixed workload for fms compiled in a new process that shares the inductor cache, or
+    (spec["aot_cache"]) on the artifacts precompiled there."""
     spec_path, result_path = work / "child-spec.json", work / "child-result.json"
     spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
     command = [sys.executable, "-m", "fms_speech.bench", "--child", str(spec_path)]
+    started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
+    process_seconds = time.perf_counter() - started
     if completed.returncode != 0:
         return {"error": (completed.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(result_path.read_text())
+    return {**json.loads(result_path.read_text()), "process_seconds": process_seconds}
 
 
 def child_main(spec_path: Path) -> int:
@@ -211,10 +265,20 @@ def child_main(spec_path: Path) -> int:
     for dtype in dtypes:
         model.to(dtype)
         start_counts = fresh_dynamo()
-        system = FmsSystem(model, True, device, spec["compile_options"])
-        with system:
-            mixed = run_mixed(system, workload.mixed, settings, workload.eos, device)
+        if spec.get("aot_cache"):
+            system = PrecompiledSystem(model, device, spec["aot_cache"])
+        else:
+            system = FmsSystem(model, True, device, spec["compile_options"])
+        try:
+            with system:
+                mixed = run_mixed(system, workload.mixed, settings, workload.eos, device)
+        except RuntimeError as error:  # e.g. no artifacts: reported, the other dtypes go on
+            results[dtype_name(dtype)] = {"error": str(error).splitlines()[0][:300]}
+            continue
         mixed["compiles"] = counts_since(start_counts)
+        if isinstance(system, PrecompiledSystem):
+            mixed["load_seconds"] = system.load_seconds
+            mixed["calls"] = dict(system.precompiled.calls)
         results[dtype_name(dtype)] = mixed
     results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(spec["result"]).write_text(json.dumps(results))

@@ -7,12 +7,18 @@ import argparse
 import re
 from dataclasses import asdict, dataclass, field
 
-SYSTEMS = ("reference eager", "reference compiled", "fms eager", "fms compiled")
+SYSTEMS = (
+    "reference eager",
+    "reference compiled",
+    "fms eager",
+    "fms compiled",
+    "fms compiled cuda-graphs",  # CUDA only: mode="reduce-overhead"
+)
 SYSTEM_SLUGS = {name.replace("reference", "ref").replace(" ", "-"): name for name in SYSTEMS}
 # the embedded default leaves out 'reference compiled': its recompilations take minutes on a CPU
 DEFAULT_SYSTEMS = ("reference eager", "fms eager", "fms compiled")
 DTYPE_NAMES = ("float32", "bfloat16")
-PARTS = ("e2e", "modules", "mixed", "warm-cache", "explain", "machine")
+PARTS = ("e2e", "modules", "mixed", "warm-cache", "encoder-grid", "explain", "machine")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     elif real:
         default = Settings([2, 10, 30], [1, 4], 3, 1, 16, 16, 4, (1, 30), PARTS, [1, 4])
     else:
-        default = Settings([2, 10, 30], [1, 4], 3, 1, 16, 16, 4, (1, 30), PARTS, [4])
+        default = Settings([2, 10, 30], [1, 4], 3, 1, 16, 16, 4, (1, 30), PARTS, [1, 4])
     skip = set(args.skip) | ({"warm-cache"} if args.quick else set())
     return Settings(
         lengths=args.lengths or default.lengths,

@@ -8,6 +8,7 @@ import torch
 from fms.utils import generation as fms_generation
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from fms_speech import aot
 from fms_speech.bench.checkpoints import PAD_TOKEN
 from fms_speech.bench.inputs import Batch, audio_features_mask, features_of, left_pad
 from fms_speech.bench.measure import synchronize, timed
@@ -110,9 +111,16 @@ class ReferenceSystem:
 class FmsSystem:
     """fms-speech's model, eager or under `compile_model`, driven by `fms_speech.generation`."""
 
-    def __init__(self, model, compiled: bool, device: torch.device, compile_options: dict):
+    def __init__(
+        self,
+        model,
+        compiled: bool,
+        device: torch.device,
+        compile_options: dict,
+        name: str | None = None,
+    ):
         self.model, self.compiled, self.device = model, compiled, device
-        self.name = "fms compiled" if compiled else "fms eager"
+        self.name = name or ("fms compiled" if compiled else "fms eager")
         self.compile_options = compile_options
         self.runner = model
         self.encoder, self.projector = model.encoder, model.projector
@@ -177,11 +185,34 @@ class FmsSystem:
         return logits[:, -1].float()
 
 
+class PrecompiledSystem(FmsSystem):
+    """fms-speech's model on the artifacts of `fms-speech compile` (fms_speech.aot)."""
+
+    def __init__(self, model, device: torch.device, cache_dir: str):
+        super().__init__(model, True, device, {}, name="fms precompiled")
+        self.cache_dir = cache_dir
+        self.load_seconds = None
+        self.precompiled = None
+
+    def __enter__(self):
+        started = time.perf_counter()
+        runner = aot.load(self.model, self.cache_dir)
+        if runner is None:
+            raise RuntimeError(f"no precompiled artifacts for this model in {self.cache_dir}")
+        self.load_seconds = time.perf_counter() - started
+        self.runner = self.precompiled = runner  # (__exit__ resets runner)
+        return self
+
+
 def make_system(name: str, reference, fms_model, device: torch.device, options: dict):
     """One of settings.SYSTEMS by name; `options`: {'reference': ..., 'fms': ...} compile kwargs."""
-    compiled = name.endswith("compiled")
+    compiled = "compiled" in name
     if name.startswith("reference"):
         return ReferenceSystem(reference, compiled, device, options["reference"])
+    if name.endswith("cuda-graphs"):  # CUDA graphs for every graph, the decode step's included
+        return FmsSystem(
+            fms_model, True, device, {**options["fms"], "mode": "reduce-overhead"}, name
+        )
     return FmsSystem(fms_model, compiled, device, options["fms"])
 
 

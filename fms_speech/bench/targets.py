@@ -3,12 +3,21 @@
 A target whose numbers are missing (a part skipped, a dtype not run) is "not measured".
 """
 
-from fms_speech.bench.results import format_seconds, longest_smallest_batch, lookup, shapes_of
+from fms_speech.bench.results import (
+    break_even,
+    format_audio,
+    format_seconds,
+    longest_smallest_batch,
+    lookup,
+    shapes_of,
+    warm_start_overhead,
+)
 
 ENCODER_VS_GEMM = 1.25
 ENCODER_VS_REFERENCE_BF16 = 1.4
 MIXED_VS_REFERENCE_COMPILED = 3.0
 DECODE_VS_WEIGHTS = 1.3
+WARM_START_SECONDS = 3.0
 NOT_3_3_2B = "not the 3.3-2b shapes (run --variant 3.3-2b)"
 
 
@@ -16,6 +25,8 @@ def targets(results: dict) -> list[dict]:
     return [
         *_encoder_targets(results),
         *_mixed_targets(results),
+        *_warm_start_targets(results),
+        *_grid_targets(results),
         _decode_target(results),
         _agreement_target(results.get("agreement", {})),
     ]
@@ -123,18 +134,56 @@ def _mixed_targets(results: dict) -> list[dict]:
             rows.append(_target(name, "faster", value, first < reference_first))
         else:
             rows.append(_target(name, "faster", None, None, lookup(warm, "error") or ""))
-        name = f"break-even audio, {dtype}: cold compile paid back against reference eager"
-        if fms and ref_eager:
-            per_audio_fms = fms["second_pass"] / fms["audio_seconds"]
-            per_audio_ref = ref_eager["second_pass"] / ref_eager["audio_seconds"]
-            saving = per_audio_ref - per_audio_fms  # seconds saved per second of audio
-            if saving > 0:
-                hours = fms["compile_seconds"] / saving / 3600
-                compile_time = format_seconds(fms["compile_seconds"])
-                value = f"{hours:.3g} h of audio ({compile_time} compile)"
-            else:
-                value = "never: compiled is not faster than reference eager in steady state"
-            rows.append(_target(name, "measured", value, saving > 0))
+        for row in break_even(results, dtype):
+            if row["path"].startswith(("compiled just in time, cold", "precompiled, warm")):
+                audio = row["reference eager"]
+                if audio == "not measured":
+                    continue
+                name = f"break-even {dtype}, {row['path']}: audio to beat reference eager"
+                value = (
+                    f"{format_audio(audio)} ({format_seconds(row['overhead_seconds'])} overhead)"
+                )
+                rows.append(_target(name, "measured", value, audio is not None))
+    return rows
+
+
+def _warm_start_targets(results: dict) -> list[dict]:
+    rows = []
+    for dtype in results["runs"]:
+        aot = lookup(results, "warm_cache", "aot", dtype)
+        name = f"warm start {dtype}: compile overhead of a precompiled process"
+        goal = f"<= {WARM_START_SECONDS:g} s"
+        overhead = warm_start_overhead(aot)
+        if overhead is None:
+            error = lookup(results, "aot_build", dtype, "error") or lookup(aot or {}, "error")
+            rows.append(_target(name, goal, None, None, error or ""))
+            continue
+        value = (
+            f"{format_seconds(overhead)} (load {format_seconds(aot['load_seconds'])}, first pass "
+            f"{format_seconds(aot['first_pass'])} vs {format_seconds(aot['second_pass'])})"
+        )
+        note = "" if not results["meta"]["is_3.3-2b"] else "3.3-2b shapes"
+        rows.append(_target(name, goal, value, overhead <= WARM_START_SECONDS, note))
+    return rows
+
+
+def _grid_targets(results: dict) -> list[dict]:
+    grid = results.get("encoder_grid")
+    if not grid:
+        return []
+    rows = []
+    for width, record in grid["widths"].items():
+        for shape, stats in record["shapes"].items():
+            rows.append(
+                _quotient_target(
+                    f"encoder grid {grid['dtype']}, {width}, {shape}: reference eager / fms "
+                    "compiled",
+                    f">= {ENCODER_VS_REFERENCE_BF16}x",
+                    stats["reference eager"]["median"],
+                    stats["fms compiled"]["median"],
+                    lambda ratio: ratio >= ENCODER_VS_REFERENCE_BF16,
+                )
+            )
     return rows
 
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from fms.modules.feedforward import FeedForwardBlock
 from fms.utils.config import ModelConfig
 
+from fms_speech.models.layout import leading_positions
+
 
 @dataclass
 class ConformerConfig(ModelConfig):
@@ -150,7 +152,8 @@ class BlockRelativeAttention(nn.Module):
         bias = bias.masked_fill(~key_valid[:, None, None, :], torch.finfo(bias.dtype).min)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         out = out.transpose(1, 2).flatten(2).unflatten(0, (batch, num_blocks)).flatten(1, 2)
-        return self.to_out(out[:, :num_frames])
+        # the real frames as a new tensor, not a slice (fms_speech.models.layout)
+        return self.to_out(leading_positions(out, num_frames))
 
 
 class Float32BatchNorm1d(nn.BatchNorm1d):

@@ -22,11 +22,17 @@ from fms.distributed.strategy import (
 )
 from fms.models.granite import Granite, GraniteConfig
 from fms.models.hf.config_utils.param_builders import build_granite_params
+from fms.modules.attention import get_attention_type
 from fms.utils import serialization
 from fms.utils.config import ModelConfig
 
 from fms_speech import checkpoint
-from fms_speech._compat import granite_hf_to_fms_rope, register_hf_architecture
+from fms_speech._compat import (
+    granite_hf_to_fms_rope,
+    maybe_mark_dynamic,
+    register_hf_architecture,
+    run_frame_eagerly,
+)
 from fms_speech.models.checks import check_loaded, check_shapes
 from fms_speech.models.conformer import (
     ConformerConfig,
@@ -34,6 +40,7 @@ from fms_speech.models.conformer import (
     frame_mask,
     full_lengths,
 )
+from fms_speech.models.layout import trailing_positions
 from fms_speech.models.lora import add_lora
 from fms_speech.models.qformer import QFormerConfig, QFormerProjector, num_audio_tokens
 from fms_speech.models.tensor_parallel import LoadRecord, check_world_size
@@ -52,6 +59,43 @@ class GraniteSpeechConfig(ModelConfig):
     lora_rank: int = 64  # 0: no audio adapter
     lora_alpha: float = 32.0  # PEFT scaling alpha / rank, folded into B when the adapter loads
     fused_weights: bool = True
+
+
+# forward's inputs whose sizes vary from call to call, and their varying dimensions (0, 1, ...)
+_POSITIONAL_INPUTS = ("input_ids", "input_features", "feature_lengths", "position_ids")
+_DYNAMIC_DIMS = {
+    "input_ids": (0, 1),  # batch, tokens
+    "input_features": (0, 1),  # batch, frames
+    "feature_lengths": (0,),
+    "position_ids": (0, 1),
+    "lora_gate": (0,),
+    "mask": (0, 1, 2),  # FMS's attention mask: batch, queries, keys
+}
+_CACHE_DIMS = (0, 2)  # FMS's KV cache tensors: batch, positions
+
+
+def mark_dynamic_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: batch and sequence dimensions are dynamic from the first call.
+
+    Under a plain `torch.compile(model)` dynamo runs the module's hooks before it traces
+    forward, so the first graph already has a symbolic length and batch (a first batch of 1 is
+    still specialised there: at most 2 graphs over any shapes, instead of one static graph, then
+    one with a dynamic length, then one with a dynamic batch). Marks only: never changes results.
+    """
+    if torch.compiler.is_compiling():
+        return
+    named = {**dict(zip(_POSITIONAL_INPUTS, args, strict=False)), **kwargs}
+    for name, dims in _DYNAMIC_DIMS.items():
+        tensor = named.get(name)
+        if isinstance(tensor, torch.Tensor):
+            maybe_mark_dynamic(tensor, dims[: tensor.dim()])  # (no comprehension: a frame)
+    for layer in named.get("past_key_value_states") or ():
+        for tensor in layer:
+            maybe_mark_dynamic(tensor, _CACHE_DIMS)
+
+
+# dynamo would otherwise compile the hook's own frame, where it sees `is_compiling()` true
+run_frame_eagerly(mark_dynamic_inputs.__code__)
 
 
 class GraniteSpeech(nn.Module):
@@ -95,6 +139,7 @@ class GraniteSpeech(nn.Module):
             if (self.config.lora_rank > 0)
             else None
         )
+        self.register_forward_pre_hook(mark_dynamic_inputs, with_kwargs=True)
         self._tp_loads = LoadRecord().watch(self) if tensor_parallel else None
 
     @classmethod
@@ -164,6 +209,17 @@ class GraniteSpeech(nn.Module):
                     f"{n_expected} audio tokens"
                 )
 
+    def _logits(self, hidden: torch.Tensor, last_n_tokens: int) -> torch.Tensor:
+        """FMS Granite's head on the last n positions (all for 0), divided by logits_scaling.
+
+        What `Granite.forward` does after its base model, except that the last positions reach
+        the head as a fresh tensor, not a strided view (fms_speech.models.layout).
+        """
+        if last_n_tokens and hidden.shape[1] >= last_n_tokens:
+            hidden = trailing_positions(hidden, last_n_tokens)
+        logits = self.language_model.head(hidden)
+        return logits / self.config.text_config.logits_scaling
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -195,20 +251,22 @@ class GraniteSpeech(nn.Module):
             lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
         if self._adapter_gate is not None:
             self._adapter_gate.value = lora_gate
+        get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
+            input_ids=embeds,
+            position_ids=position_ids,
+            past_key_value_states=past_key_value_states,
+            **attn_kwargs,
+        )
         try:
             # always with a cache: FMS's SDPA path without one mistakes (B, L, kv_heads, d) keys
             # for (B, kv_heads, L, d) when L == kv_heads (ibm-fms 1.13.1)
-            logits, cache = self.language_model(
-                embeds,
-                position_ids=position_ids,
-                past_key_value_states=past_key_value_states,
-                use_cache=True,
-                last_n_tokens=last_n_tokens,
-                **attn_kwargs,
+            hidden, cache = self.language_model.base_model(
+                embeds, position_ids, past_key_value_states, True, **attn_kwargs
             )
         finally:
             if self._adapter_gate is not None:
                 self._adapter_gate.value = None
+        logits = self._logits(hidden, last_n_tokens)
         return (logits, cache) if use_cache else logits
 
 

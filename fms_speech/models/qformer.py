@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from fms.modules.feedforward import FeedForwardBlock
 from fms.utils.config import ModelConfig
 
+from fms_speech.models.layout import leading_positions
+
 
 @dataclass
 class QFormerConfig(ModelConfig):
@@ -136,7 +138,8 @@ class QFormerProjector(nn.Module):
             queries = layer(queries, windows)
         queries = queries.expand(windows.shape[0], -1, -1).unflatten(0, (batch, num_windows))
         num_vectors = num_audio_tokens(num_frames, window, self.config.downsample_rate)
-        return self.linear(queries.flatten(1, 2)[:, :num_vectors])
+        # the clip's vectors as a new tensor, not a slice (fms_speech.models.layout)
+        return self.linear(leading_positions(queries.flatten(1, 2), num_vectors))
 
 
 def num_audio_tokens(feature_lengths, window_size: int, downsample_rate: int):

@@ -32,11 +32,13 @@ from transformers import (
     GraniteSpeechPlusConfig,
     GraniteSpeechPlusForConditionalGeneration,
 )
+from transformers.models.granite_speech.modeling_granite_speech import GraniteSpeechCTCEncoder
 
 from fms_speech.models import GraniteSpeech5Config as FmsGraniteSpeech5Config
 from fms_speech.models import GraniteSpeechConfig as FmsGraniteSpeechConfig
 from fms_speech.models import GraniteSpeechPlusConfig as FmsGraniteSpeechPlusConfig
 from fms_speech.models import granite_speech, granite_speech5, granite_speech_plus
+from fms_speech.models.conformer import ConformerEncoder
 from fms_speech.prompts import CHAT_TEMPLATE
 
 AUDIO_TOKEN = 250
@@ -517,3 +519,24 @@ def save_ctc_tokenizer(directory: Path, vocab_size: int = SPEECH5_VOCAB) -> Path
     tokenizer = ParakeetTokenizer(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def reference_encoder(fms_encoder: ConformerEncoder, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' encoder holding the same weights (through the checkpoint key mapping)."""
+    config = hf_config_from_fms(FmsGraniteSpeechConfig(encoder_config=fms_encoder.config))
+    encoder = GraniteSpeechCTCEncoder(config.encoder_config).to(dtype).eval()
+    ours = fms_encoder.state_dict()
+    renamed = {}
+    for name in encoder.state_dict():
+        source = (
+            name.replace("up_proj", "mlp.w1")
+            .replace("down_proj", "mlp.w2")
+            .replace("depth_conv.conv", "depth_conv")
+        )
+        if source in ours:
+            renamed[name] = ours[source]
+    missing = set(encoder.state_dict()) - set(renamed)
+    if missing:
+        raise ValueError(f"no fms-speech weight for {sorted(missing)[:3]}")
+    encoder.load_state_dict(renamed)
+    return encoder

@@ -14,14 +14,13 @@ import copy
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
-from transformers.models.granite_speech.modeling_granite_speech import GraniteSpeechCTCEncoder
 
 from fms_speech.bench import roofline
 from fms_speech.bench.experiments.random_weights import audio_prompts, variant_model
 from fms_speech.bench.measure import profile_call, summary, time_calls, timed
 from fms_speech.compile import compile_model
 from fms_speech.models.conformer import BlockRelativeAttention, ConformerConvModule
-from fms_speech.testing.reference import hf_config_from_fms, relative_error
+from fms_speech.testing.reference import reference_encoder, relative_error
 
 CPU = torch.device("cpu")
 WAYS = {
@@ -127,24 +126,6 @@ def patched_copy(encoder, way: str):
     return encoder
 
 
-def reference_encoder(fms_encoder, config, dtype):
-    """transformers' encoder holding the same weights (through the checkpoint key mapping)."""
-    encoder = GraniteSpeechCTCEncoder(hf_config_from_fms(config).encoder_config)
-    encoder = encoder.to(dtype).eval()
-    ours = fms_encoder.state_dict()
-    renamed = {}
-    for name in encoder.state_dict():
-        source = (
-            name.replace("up_proj", "mlp.w1")
-            .replace("down_proj", "mlp.w2")
-            .replace("depth_conv.conv", "depth_conv")
-        )
-        if source in ours:
-            renamed[name] = ours[source]
-    encoder.load_state_dict(renamed, strict=False)
-    return encoder
-
-
 def interleave(ways, encoder, features, lengths, gemm_seconds: float, rounds: int):
     """A/B on a noisy machine: compile every way first, then time them in turns, round after
     round."""
@@ -220,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         eager = time_calls(lambda: encoder(features, lengths), CPU, repeats=args.repeats)
         print(f"fms eager: {eager['median'] * 1e3:.0f} ms")
     if args.reference:
-        reference = reference_encoder(encoder, model.config, dtype)
+        reference = reference_encoder(encoder, dtype)
         ref = time_calls(lambda: reference(features), CPU, repeats=args.repeats)
         print(f"reference eager: {ref['median'] * 1e3:.0f} ms")
     if args.interleave:

@@ -1,0 +1,51 @@
+"""scripts/gpu_check.sh, dry-run on the CPU (`--device cpu --smoke`) so that it cannot rot before
+a GPU runs it: every step runs (dependencies, the device tests, the bench) and writes its
+report; the GPU-only parts (the 3.3-2b shapes, CUDA graphs) are what --smoke leaves out."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,  # the script finds the repository itself
+    )
+    summary = (out / "summary.txt").read_text()
+    assert run.returncode == 0, summary + (out / "check.log").read_text()[-3000:]
+    assert "device: cpu" in summary
+    assert "tests on cpu: exit 0" in summary and "bench: exit 0" in summary
+    log = (out / "check.log").read_text()
+    assert " passed" in log and " failed" not in log
+    report = (out / "bench.md").read_text()
+    assert "## Targets" in report and "fms compiled" in report
+    assert (out / "bench.json").is_file()
+    assert not (out / "bench-partial.json").exists()
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
+
+
+def test_wheels_list_and_fetch_script_agree():
+    """The pinned wheels are the modules the script checks for, and the fetch script reads them."""
+    listed = [
+        line.split("==")[0]
+        for line in (ROOT / "scripts" / "gpu-wheels.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert set(listed) == {"ibm-fms", "soxr", "soundfile", "cffi", "pycparser", "espeakng-loader"}
+    fetch = (ROOT / "scripts" / "fetch_gpu_wheels.sh").read_text()
+    assert "-r gpu-wheels.txt" in fetch and "--python-version" in fetch
+    check = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    for module in ("fms", "soxr", "soundfile", "espeakng_loader", "cffi"):
+        assert f'"{module}"' in check
