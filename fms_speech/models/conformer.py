@@ -44,6 +44,10 @@ class ConformerConfig(ModelConfig):
     subsample_layers: tuple[int, ...] = ()
     feedforward_bias: bool = True
     float32_batch_norm: bool = False
+    # the block attention (scores, softmax, values) in float32 whatever the model's dtype:
+    # granite_speech's reference runs it on SDPA's math kernel, which computes bf16/fp16 inputs
+    # in float32; granite_speech5's reference runs it in the model's dtype (False)
+    float32_attention: bool = True
 
     def __post_init__(self):
         self.subsample_layers = tuple(self.subsample_layers)  # a JSON round trip gives a list
@@ -101,6 +105,7 @@ class BlockRelativeAttention(nn.Module):
         self.context_size = config.context_size
         self.max_pos_emb = config.max_pos_emb
         self.scale = config.dim_head**-0.5
+        self.float32_attention = config.float32_attention
         inner_dim = config.num_heads * config.dim_head
         self.pre_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
         self.to_q = nn.Linear(config.hidden_dim, inner_dim, bias=False)
@@ -150,7 +155,13 @@ class BlockRelativeAttention(nn.Module):
         # batch) then softmaxes to finite garbage that is dropped later, never to NaN.
         key_valid = F.pad(frame_valid, (0, pad)).unflatten(1, (num_blocks, block)).flatten(0, 1)
         bias = bias.masked_fill(~key_valid[:, None, None, :], torch.finfo(bias.dtype).min)
+        dtype = q.dtype
+        if self.float32_attention:
+            # as the reference's math kernel does; a fused kernel would round the softmax's
+            # probabilities to bf16 before they weigh the values
+            q, k, v, bias = q.float(), k.float(), v.float(), bias.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = out.to(dtype)
         out = out.transpose(1, 2).flatten(2).unflatten(0, (batch, num_blocks)).flatten(1, 2)
         # the real frames as a new tensor, not a slice (fms_speech.models.layout)
         return self.to_out(leading_positions(out, num_frames))
@@ -240,7 +251,10 @@ class ConformerConvModule(nn.Module):
             training=False,
             eps=bn.eps,
         ).to(x.dtype)
-        x = F.silu(x).transpose(1, 2)
+        # contiguous: on a transposed (strided) 3-D input, F.linear is a matmul and a separate
+        # bias add, rounded to bf16 twice; on a contiguous one a single addmm rounds once, as
+        # the reference's Conv1d does (the matmul copied the strided input anyway)
+        x = F.silu(x).transpose(1, 2).contiguous()
         return F.linear(x, self.down_conv.weight.squeeze(-1), self.down_conv.bias)
 
 

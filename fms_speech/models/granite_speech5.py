@@ -47,6 +47,7 @@ def _encoder_5_0_470m() -> ConformerConfig:
         conv_expansion_factor=2,
         subsample_layers=(0, 1),
         float32_batch_norm=True,
+        float32_attention=False,
     )
 
 
@@ -191,6 +192,7 @@ def build_granite_speech5_params(config) -> dict:
             subsample_layers=tuple(subsample),
             feedforward_bias=encoder.attention_bias,
             float32_batch_norm=True,
+            float32_attention=False,
         ),
         "blank_token_id": config.pad_token_id if config.pad_token_id is not None else 0,
         "tie_ctc_head": bool(config.tie_word_embeddings),
