@@ -46,7 +46,13 @@ def _add_transcribe(commands) -> None:
     parser = commands.add_parser("transcribe", help="transcribe or translate audio files")
     parser.add_argument("files", nargs="+", metavar="FILE", help="wav, flac, ogg or mp3 files")
     _add_model_arguments(parser)
-    parser.add_argument("--output-format", choices=[*WRITERS, "all"], default="txt")
+    parser.add_argument(
+        "--output-format",
+        choices=[*WRITERS, "all"],
+        default="txt",
+        help="txt (default), json, srt, vtt, tsv, or all (needs --output-dir); on stdout, any "
+        "format but txt takes one FILE",
+    )
     parser.add_argument(
         "--output-dir", type=Path, help="write FILE's result to DIR/<stem>.<format>; else stdout"
     )
@@ -193,7 +199,10 @@ def _report(
         _fail(result.error)
         return False
     if args.output_dir is None:
-        line = result.text if single else f"{result.source}\t{result.text}"
+        if args.output_format == "txt":
+            line = result.text if single else f"{result.source}\t{result.text}"
+        else:  # one file (_stdout_problem): the chosen format as it would be written
+            line = WRITERS[args.output_format](result, metadata).rstrip("\n")
         if lines is None:
             print(line, flush=True)
         else:
@@ -213,11 +222,26 @@ def options_from(args: argparse.Namespace) -> TranscribeOptions:
     return TranscribeOptions(**{name: getattr(args, name) for name in names})
 
 
+def _stdout_problem(args) -> str | None:
+    """Why the results cannot go to stdout in --output-format (one sentence), or None."""
+    if args.output_dir is not None or args.output_format == "txt":
+        return None
+    if args.output_format == "all":
+        return "--output-format all writes one file per format: give --output-dir"
+    if len(args.files) > 1:
+        return f"--output-format {args.output_format} on stdout takes one file: give --output-dir"
+    return None
+
+
 def transcribe(args) -> int:
     try:
         options = options_from(args)
     except ValueError as error:
         _fail(str(error))
+        return EXIT_NOTHING_RAN
+    problem = _stdout_problem(args)
+    if problem is not None:
+        _fail(problem)
         return EXIT_NOTHING_RAN
     try:
         launch = distributed.Launch.from_env()

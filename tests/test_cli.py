@@ -124,6 +124,26 @@ def test_cli_text_equals_the_references(speech_checkpoint, audio_files, tmp_path
     assert out == ""
 
 
+def test_cli_prints_the_chosen_format_of_one_file_to_stdout(speech_checkpoint, audio_files, capsys):
+    reference, directory = speech_checkpoint
+    path = audio_files[0]
+    code, out, err = _run(
+        capsys,
+        path,
+        "--model",
+        directory,
+        "--max-new-tokens",
+        MAX_NEW_TOKENS,
+        "--output-format",
+        "json",
+        "--no-progress",
+    )
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["source"] == str(path)
+    assert document["text"] == _reference_text(reference, directory, path, 1)
+
+
 def test_cli_prints_text_to_stdout_as_a_program(speech_checkpoint, audio_files):
     """The installed entry point, in its own process: text on stdout, nothing on stderr."""
     reference, directory = speech_checkpoint

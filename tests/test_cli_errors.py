@@ -158,3 +158,15 @@ def test_bad_options_are_one_line_and_exit_code_2(
     code, lines = _run(capsys, good_wav, "--model", model_dir, *options)
     assert code == 2
     assert len(lines) == 1 and words in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("output_format", "files", "words"),
+    [("all", 1, "--output-dir"), ("json", 2, "one file"), ("srt", 2, "one file")],
+)
+def test_a_format_stdout_cannot_hold_is_refused_before_loading(
+    good_wav, capsys, output_format, files, words
+):
+    code, err = _run(capsys, *[good_wav] * files, "--output-format", output_format)
+    assert code == 2
+    assert len(err) == 1 and words in err[0] and "--output-format" in err[0], err
