@@ -201,7 +201,7 @@ def test_transcribe_under_torchrun(speech_checkpoint, spoken_files, tmp_path, ca
     runs.mkdir()
     tp = [*common, "--output-dir", str(tmp_path / "tp")]  # the default under torchrun
     data = [*common, "--parallel", "data", "--output-dir", str(tmp_path / "data")]
-    data_stdout = [*common, "--parallel", "data"]
+    data_stdout = [*common, "--output-format", "txt", "--parallel", "data"]  # stdout: txt
     ports = {PORTS: f"{_free_port()},{_free_port()}"}
     with _launched(runs, "cli", *tp, "---", *data, "---", *data_stdout, env=ports) as process:
         code, out, err = _finish(process)
