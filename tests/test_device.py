@@ -22,6 +22,7 @@ import torch
 
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
+from fms_speech.testing.graphs import counting_backend
 from fms_speech.testing.reference import prompt_ids, relative_error
 
 CONFIG = "untied_window12"  # an untied head writes varied tokens
@@ -120,20 +121,6 @@ def test_eager_logits_match_reference(checkpoints, reference, reference_bf16, de
     assert agree / total >= 0.98, f"argmax agrees at {agree}/{total} positions"
 
 
-def _counting_backend(graphs: Counter):
-    """Inductor, counting the graphs it compiles: with audio (prefill) or without (decode)."""
-    inductor = torch._dynamo.lookup_backend("inductor")
-
-    def backend(graph_module, example_inputs):
-        placeholders = graph_module.graph.find_nodes(op="placeholder")
-        has_audio = any("input_features" in node.name for node in placeholders)
-        compiled = inductor(graph_module, example_inputs)
-        graphs["prefill" if has_audio else "decode"] += 1
-        return compiled
-
-    return backend
-
-
 def _prefill_logits(runner, model, prompts, features, lengths):
     device = features.device
     ids, padding = fms.utils.generation.pad_input_ids(
@@ -161,7 +148,7 @@ def test_compiled_matches_eager_with_two_graphs_per_phase(
     model = _ours(checkpoints, device, dtype)
     torch._dynamo.reset()
     graphs = Counter()
-    compiled = compile_model(model, backend=_counting_backend(graphs))
+    compiled = compile_model(model, backend=counting_backend(graphs))
     block = _block(model)
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else COMPILED_BF16_TOLERANCE
     # a single clip first (a batch-1 graph per phase), then a ragged batch of three (the dynamic

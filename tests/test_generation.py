@@ -14,6 +14,7 @@ import torch
 
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
+from fms_speech.testing.graphs import counting_backend
 from fms_speech.testing.reference import prompt_ids
 
 # tied tiny models echo the last prompt token; the untied one writes varied text
@@ -171,21 +172,6 @@ def test_beam_search_equals_reference(setup, num_beams):
     assert ended_by_eos and stopped_early
 
 
-def _counting_backend(graphs: Counter):
-    """Inductor, counting the graphs it compiles: with audio (prefill) or without (decode)."""
-    inductor = torch._dynamo.lookup_backend("inductor")
-
-    def backend(graph_module, example_inputs):
-        placeholders = graph_module.graph.find_nodes(op="placeholder")
-        has_audio = any("input_features" in node.name for node in placeholders)
-        # counted once compiled: inductor may stop a first attempt and dynamo traces again
-        compiled = inductor(graph_module, example_inputs)
-        graphs["prefill" if has_audio else "decode"] += 1
-        return compiled
-
-    return backend
-
-
 # (batch, frames) of issue 12: a first call with one clip, then lengths and batch sizes that
 # change at different calls
 SHAPES = [(1, 53), (1, 80), (1, 131), (2, 200), (4, 377), (1, 1499), (3, 16), (8, 61)]
@@ -200,7 +186,7 @@ def test_compiled_generation_equals_reference_with_two_graphs_per_phase(setup):
     reference, scaled, model = setup
     torch._dynamo.reset()  # every model instance shares forward's code object and its cache
     graphs = Counter()
-    compiled = compile_model(model, backend=_counting_backend(graphs))
+    compiled = compile_model(model, backend=counting_backend(graphs))
     kwargs = dict(max_new_tokens=3, eos_token_id=EOS)
     for index, (batch, frames) in enumerate(SHAPES):  # ragged rows, the first the longest
         clips = Clips(model, [frames - 7 * (row % 3) for row in range(batch)], seed=frames)
