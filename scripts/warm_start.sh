@@ -29,6 +29,6 @@ run build fms-speech compile --model "$model"
 run precompiled1 fms-speech transcribe "$clip" --model "$model" --compile --no-progress
 run precompiled2 fms-speech transcribe "$clip" --model "$model" --compile --no-progress
 run eager3 fms-speech transcribe "$clip" --model "$model" --no-progress
-for name in eager1 jit_cold jit_warm precompiled1; do  # the same text from every path
+for name in eager1 jit_cold jit_warm precompiled1; do  # each path's text, to compare
     echo "$name: $(cat "$dir/$name.out")" | tee -a "$dir/times.txt"
 done

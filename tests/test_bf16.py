@@ -9,7 +9,7 @@ from fms_speech.testing.reference import prompt_ids, relative_error
 
 # bf16 keeps 8 bits of mantissa and errors compound over the layers, so the bound is not a fixed
 # number: ours in bf16 may be at most 1.5x as far from fp32 as the reference in bf16 is, on the
-# same inputs (on these random weights the reference's own bf16 error is about 4e-2).
+# same inputs (on these random weights the reference's own bf16 error is 1.3e-2 to 1.6e-2).
 BF16_VS_REFERENCE_BF16 = 1.5
 
 
@@ -36,8 +36,9 @@ def test_bf16_logits_close_to_fp32_with_same_argmax(checkpoints):
             relative_error(low, expected),
             relative_error(theirs.logits / scaling, expected),
         )
-        print(f"frames {frames}: ours bf16 {error:.4f}, reference bf16 {their_error:.4f}")
-        assert error <= BF16_VS_REFERENCE_BF16 * their_error
+        assert error <= BF16_VS_REFERENCE_BF16 * their_error, (
+            f"frames {frames}: ours bf16 {error:.4f}, reference bf16 {their_error:.4f}"
+        )
         agree += (low.float().argmax(-1) == expected.argmax(-1)).sum().item()
         total += expected.shape[0] * expected.shape[1]
     assert agree / total >= 0.99, f"argmax agrees on {agree}/{total} positions"

@@ -75,7 +75,7 @@ def _reference_logits(reference, prompt, features):
 def _assert_parts_only_at_near_tie(model, prompt, clip, ours, eager, tolerance):
     """Greedy tokens of the compiled and the eager model are equal, or they part at a step where
     the eager model's logits of the two tokens lie within tolerance x max |logit|."""
-    steps = [(a, b) for a, b in zip(ours + [EOS], eager + [EOS], strict=False)]
+    steps = list(zip(ours + [EOS], eager + [EOS], strict=False))
     parted = next((i for i, (a, b) in enumerate(steps) if a != b), None)
     if parted is None:
         assert len(ours) == len(eager)
