@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 from fms_speech._compat import fx_config
 from fms_speech.compile import compile_model
+from fms_speech.generation import generate
 from fms_speech.testing.reference import prompt_ids, relative_error
 
 # plain torch.compile specialises a first batch of 1 (compile_model does not: one graph,
@@ -36,6 +37,48 @@ def test_full_forward_is_one_graph_without_breaks(checkpoints):
     assert explanation.graph_count == 1
     text = torch._dynamo.explain(model)(ids[:, :5])
     assert text.graph_break_count == 0 and text.graph_count == 1
+
+
+def _symbolic_inputs(graph_module) -> dict[str, tuple]:
+    """Each tensor input of a traced graph: its sizes as sympy expressions."""
+    shapes = {}
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            shapes[node.name] = tuple(
+                size.node.expr if isinstance(size, torch.SymInt) else size for size in value.shape
+            )
+    return shapes
+
+
+def test_equal_sizes_share_one_symbol(checkpoints):
+    """Sizes that are always equal have one symbol in the compiled graphs (duck sizing is off):
+    the positions' and the tokens' length, every cache's length, the mask's sides. With two
+    symbols, inductor's CUDA code generation failed on the decode graph (docs/
+    compile-efficiency.md, "The run on an H200"). Traced only, not compiled by inductor."""
+    _, model, _ = checkpoints["odd_layers_even_kernel"]
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(_symbolic_inputs(graph_module))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = compile_model(model, backend=record)
+    ids, features, lengths = _inputs(model, 3, 90, torch.Generator().manual_seed(0))
+    eager = generate(model, ids.tolist(), features, lengths, max_new_tokens=3, eos_token_id=-1)
+    traced = generate(compiled, ids.tolist(), features, lengths, max_new_tokens=3, eos_token_id=-1)
+    assert traced.sequences == eager.sequences
+    assert len(graphs) == 2  # prefill, decode
+    for shapes in graphs:
+        (batch, length) = shapes["l_input_ids_"]
+        assert shapes["l_position_ids_"] == (batch, length)
+        caches = [shape for name, shape in shapes.items() if "past_key_value_states" in name]
+        past = caches[0][2] if caches else 0
+        assert all(shape[0] == batch and shape[2] == past for shape in caches)
+        mask = shapes["l_attn_kwargs_mask_"]
+        assert (mask[0], mask[-2], mask[-1]) == (batch, length, past + length)
+    assert len(caches) == 2 * len(model.language_model.base_model.layers)
 
 
 @pytest.mark.slow

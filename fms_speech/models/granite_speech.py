@@ -251,6 +251,7 @@ class GraniteSpeech(nn.Module):
             lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
         if self._adapter_gate is not None:
             self._adapter_gate.value = lora_gate
+        _tie_sizes(input_ids, position_ids, past_key_value_states, attn_kwargs.get("mask"))
         get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
             input_ids=embeds,
             position_ids=position_ids,
@@ -268,6 +269,33 @@ class GraniteSpeech(nn.Module):
                 self._adapter_gate.value = None
         logits = self._logits(hidden, last_n_tokens)
         return (logits, cache) if use_cache else logits
+
+
+def _tie_sizes(input_ids, position_ids, past_key_value_states, mask) -> None:
+    """State the sizes the inputs share, so that a compiled graph has one symbol for each.
+
+    compile_model turns duck sizing off (fms_speech.compile), so every input dimension gets its
+    own symbol even where two are always equal: the positions' length and the tokens' (FMS's
+    rotary embedding then slices its table with `positions - tokens`, a start inductor cannot
+    prove non-negative), each layer's key and value cache lengths, the mask's sides. Inductor's
+    CUDA code generation failed on such graphs (docs/compile-efficiency.md, "The GPU check");
+    these checks make the symbols one. In eager they are plain checks of the inputs.
+    """
+    batch, length = input_ids.shape
+    if position_ids is not None:
+        torch._check(position_ids.shape[0] == batch)
+        torch._check(position_ids.shape[1] == length)
+    past = 0
+    if past_key_value_states:
+        past = past_key_value_states[0][0].shape[2]
+        for keys, values in past_key_value_states:
+            for cached in (keys, values):
+                torch._check(cached.shape[0] == batch)
+                torch._check(cached.shape[2] == past)
+    if mask is not None:
+        torch._check(mask.shape[0] == batch)
+        torch._check(mask.shape[-2] == length)
+        torch._check(mask.shape[-1] == past + length)
 
 
 def _names(names: list[str], shown: int = 8) -> str:
