@@ -61,6 +61,31 @@ def test_report_files(quick_run):
         assert f"]({plot})" in report
 
 
+def test_report_of_a_run_stopped_from_outside(quick_run, tmp_path):
+    """gpu_check.sh writes the report from bench-partial.json when its time limit stops the bench:
+    the file has the run's start (load, systems, command) but no end."""
+    out, _ = quick_run
+    partial = json.loads((out / "bench-partial.json").read_text())
+    assert "load_average_start" in partial["meta"] and "command" in partial["meta"]
+    assert "wall_seconds" not in partial["meta"]
+    partial["runs"]["float32"] = {"fms eager": partial["runs"]["float32"]["fms eager"]}
+    (tmp_path / "bench-partial.json").write_text(json.dumps(partial))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fms_speech.bench.report",
+            str(tmp_path / "bench-partial.json"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "bench.md").read_text()
+    assert "run time ? (stopped before its end)" in report and "| fms eager |" in report
+
+
 def test_shape_keys_of_the_report_are_clip_shapes(quick_run):
     _, results = quick_run
     settings = results["meta"]["settings"]

@@ -31,6 +31,15 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.0f} MiB"
 
 
+def _seconds(value: float | None) -> str:
+    # a partial report (run stopped from outside) has no end
+    return "? (stopped before its end)" if value is None else f"{value:.0f} s"
+
+
+def _load(values: list[float] | None) -> str:
+    return "?" if values is None else f"{values[0]:.2f}"
+
+
 def markdown(results: dict, profiles: dict[str, str]) -> str:
     meta = results["meta"]
     lines = [
@@ -40,10 +49,9 @@ def markdown(results: dict, profiles: dict[str, str]) -> str:
         f"- device: {meta['device']}, {meta['threads']} threads; compile backend "
         f"{meta.get('backend')}",
         f"- {meta['date']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- run time {meta.get('wall_seconds', 0):.0f} s; load average "
-        f"{meta.get('load_average_start', ['?'])[0]:.2f} at start, "
-        f"{meta.get('load_average_end', ['?'])[0]:.2f} at end (other work on the machine "
-        "adds noise)",
+        f"- run time {_seconds(meta.get('wall_seconds'))}; load average "
+        f"{_load(meta.get('load_average_start'))} at start, "
+        f"{_load(meta.get('load_average_end'))} at end (other work on the machine adds noise)",
         f"- features: {meta['features_note']}",
         f"- greedy generation of {meta['settings']['max_new_tokens']} tokens per clip; "
         f"{meta['settings']['warmup']} warm-up call(s), then median [min–max] of "

@@ -103,18 +103,19 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="fms-speech-bench-") as work_dir:
-        work = Path(work_dir)
-        with temporary_cache_dir(str(work / "inductor")):
-            results = _measure(args, settings, device, dtypes, systems, work, options)
-    results["meta"].update(
-        wall_seconds=time.perf_counter() - started,
-        load_average_start=load_before,
-        load_average_end=os.getloadavg(),
+    # known before the first system runs: a partial report (a run stopped from outside) has it
+    run_meta = dict(
+        load_average_start=os.getloadavg(),
         backend=backend,
         systems=systems,
         command=command_line(),
+    )
+    with tempfile.TemporaryDirectory(prefix="fms-speech-bench-") as work_dir:
+        work = Path(work_dir)
+        with temporary_cache_dir(str(work / "inductor")):
+            results = _measure(args, settings, device, dtypes, systems, work, options, run_meta)
+    results["meta"].update(
+        wall_seconds=time.perf_counter() - started, load_average_end=os.getloadavg()
     )
     report.write_all(results, args.output_dir)
     return 0
@@ -149,14 +150,16 @@ def _phase(name: str):
     print(f"bench: {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
 
-def _measure(args, settings: Settings, device, dtypes, systems, work: Path, options) -> dict:
+def _measure(
+    args, settings: Settings, device, dtypes, systems, work: Path, options, run_meta: dict
+) -> dict:
     with _phase("models"):
         models = load_models(args, work, dtypes[0], device)
     prompter = Prompter.for_model(models.fms, models.tokenizer_dir)
     with _phase("speech"):
         workload = make_workload(settings, prompter)
     results = {
-        "meta": environment(device, models.described, models.fms.config, settings),
+        "meta": {**environment(device, models.described, models.fms.config, settings), **run_meta},
         "runs": {},
     }
     if "machine" in settings.parts:
