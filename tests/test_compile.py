@@ -81,6 +81,17 @@ def test_equal_sizes_share_one_symbol(checkpoints):
     assert len(caches) == 2 * len(model.language_model.base_model.layers)
 
 
+def test_unequal_sizes_fail_before_the_encoder_runs(checkpoints):
+    _, model, _ = checkpoints["odd_layers_even_kernel"]
+    ids, features, lengths = _inputs(model, 2, 37, torch.Generator().manual_seed(0))
+    length = ids.shape[1]
+    positions = torch.arange(length + 1).expand(2, -1)
+    with pytest.raises(
+        ValueError, match=f"position_ids' length is {length + 1}, expected {length}"
+    ):
+        model(ids, input_features=features[:, :0], feature_lengths=lengths, position_ids=positions)
+
+
 @pytest.mark.slow
 def test_plain_torch_compile_needs_at_most_two_graphs(checkpoints):
     """What an FMS user writes, with torch's default shape settings: the model's forward

@@ -238,6 +238,7 @@ class GraniteSpeech(nn.Module):
         row when `input_features` is given, off otherwise; decode steps after an audio prefill
         pass the prefill's gate again (see fms_speech.generation).
         """
+        _tie_sizes(input_ids, position_ids, past_key_value_states, attn_kwargs.get("mask"))
         is_audio = input_ids == self.config.audio_token_index
         text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
         embeds = self.language_model.base_model.embedding(text_ids)
@@ -251,7 +252,6 @@ class GraniteSpeech(nn.Module):
             lora_gate = torch.full((input_ids.shape[0],), fill, device=input_ids.device)
         if self._adapter_gate is not None:
             self._adapter_gate.value = lora_gate
-        _tie_sizes(input_ids, position_ids, past_key_value_states, attn_kwargs.get("mask"))
         get_attention_type(**attn_kwargs)["validate_attn_kwargs"](
             input_ids=embeds,
             position_ids=position_ids,
@@ -279,23 +279,30 @@ def _tie_sizes(input_ids, position_ids, past_key_value_states, mask) -> None:
     rotary embedding then slices its table with `positions - tokens`, a start inductor cannot
     prove non-negative), each layer's key and value cache lengths, the mask's sides. Inductor's
     CUDA code generation failed on such graphs (docs/compile-efficiency.md, "The GPU check");
-    these checks make the symbols one. In eager they are plain checks of the inputs.
+    these checks make the symbols one. In eager they check the inputs before any work.
     """
     batch, length = input_ids.shape
+
+    def same(size, expected, what: str) -> None:
+        if torch.compiler.is_compiling():
+            torch._check(size == expected)  # dynamo cannot take a message closure here
+        elif size != expected:
+            raise ValueError(f"{what} is {size}, expected {expected}")
+
     if position_ids is not None:
-        torch._check(position_ids.shape[0] == batch)
-        torch._check(position_ids.shape[1] == length)
+        same(position_ids.shape[0], batch, "position_ids' batch")
+        same(position_ids.shape[1], length, "position_ids' length")
     past = 0
     if past_key_value_states:
         past = past_key_value_states[0][0].shape[2]
         for keys, values in past_key_value_states:
             for cached in (keys, values):
-                torch._check(cached.shape[0] == batch)
-                torch._check(cached.shape[2] == past)
+                same(cached.shape[0], batch, "a cache's batch")
+                same(cached.shape[2], past, "a cache's length")
     if mask is not None:
-        torch._check(mask.shape[0] == batch)
-        torch._check(mask.shape[-2] == length)
-        torch._check(mask.shape[-1] == past + length)
+        same(mask.shape[0], batch, "the mask's batch")
+        same(mask.shape[-2], length, "the mask's query length")
+        same(mask.shape[-1], past + length, "the mask's key length")
 
 
 def _names(names: list[str], shown: int = 8) -> str:
