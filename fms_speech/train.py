@@ -56,6 +56,15 @@ class TrainOptions:
     grad_clip: float = 1.0
     parts: tuple[str, ...] = PARTS  # what trains; IBM trained encoder, projector and lora
     ctc_weight: float = 0.5  # 0: the LLM's cross-entropy alone
+    # cross-entropy of each audio vector read through the LLM's norm and head against the
+    # token spoken at its time (synthesised speech's word timing; pad in silence): teaches the
+    # projector to write the words where they are spoken, in the LLM's own embedding space
+    word_slot_weight: float = 0.0
+    # share of rows whose audio vectors are replaced by those spoken tokens' embeddings: a
+    # reading lesson for the LLM that needs no trained encoder (docs/demo-model.md)
+    transcript_audio: float = 0.0
+    # reading lessons (fms_speech.reading) for the LLM before the first step of a fresh run
+    reading_steps: int = 0
     compile: bool = True
     save_every: int = 200
     seed: int = 0
@@ -68,39 +77,51 @@ class TrainOptions:
             raise ValueError(f"--train takes parts among {', '.join(PARTS)}, not {unknown or '{}'}")
         if self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError("steps, batch_size and save_every must be at least 1")
-        if self.ctc_weight < 0 or self.learning_rate <= 0:
-            raise ValueError("the CTC weight must be >= 0 and the learning rate > 0")
+        if self.ctc_weight < 0 or self.word_slot_weight < 0 or self.learning_rate <= 0:
+            raise ValueError("the loss weights must be >= 0 and the learning rate > 0")
+        if not 0 <= self.transcript_audio < 1:
+            raise ValueError("--transcript-audio is a share of rows: at least 0, below 1")
 
 
 class TrainingObjective(nn.Module):
-    """GraniteSpeech's forward for training: the LLM's cross-entropy and the encoder's CTC logits.
+    """GraniteSpeech's forward for training: the LLM's cross-entropy and the CTC logits.
 
-    Returns (cross-entropy, CTC log-probs after the last layer, CTC log-probs at the middle
-    layer or None), the log-probs (T, B, classes). The CTC loss itself runs eagerly on them
-    (`ctc_loss`): its output shape depends on data, which torch.compile cannot trace.
+    Returns (cross-entropy, CTC log-probs after the encoder's last layer, at its middle layer or
+    None, the audio vectors' token logits or None), log-probs (T, B, classes), logits (B, audio
+    vectors, vocabulary). The CTC loss itself runs eagerly on them (`ctc_loss`): its output
+    shape depends on data, which torch.compile cannot trace. `audio_ids` (B, audio vectors),
+    where given, holds token ids for the rows whose audio vectors are to be replaced by those
+    tokens' embeddings, -1 elsewhere.
     """
 
-    def __init__(self, model: GraniteSpeech, with_ctc: bool):
+    def __init__(self, model: GraniteSpeech, with_ctc: bool, with_slot_logits: bool = False):
         super().__init__()
         self.model = model
         self.with_ctc = with_ctc
+        self.with_slot_logits = with_slot_logits
 
-    def forward(self, tokens, features, feature_lengths):
+    def forward(self, tokens, features, feature_lengths, audio_ids=None):
         # tokens (2, B, L): input ids and labels in one tensor, so that both have the same
         # symbolic length (passed apart, dynamo specialised the labels' length and recompiled
         # for every batch)
         input_ids, labels = tokens.unbind(0)
         model = self.model
+        llm = model.language_model
         hidden, mid_logits = model.encoder.forward_with_ctc(features, feature_lengths)
         audio = model.projector(hidden, frame_mask(feature_lengths, features.shape[1]))
+        slot_logits = None
+        if self.with_slot_logits:
+            slot_logits = llm.head(llm.base_model.dec_norm(audio))
+        if audio_ids is not None:
+            audio = _transcript_audio(llm.base_model.embedding, audio, audio_ids)
         is_audio = input_ids == model.config.audio_token_index
         text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
-        embeds = model.language_model.base_model.embedding(text_ids)
+        embeds = llm.base_model.embedding(text_ids)
         embeds = model._merge_audio(input_ids, embeds, audio)
         if model._adapter_gate is not None:  # every training prompt carries audio
             model._adapter_gate.value = torch.ones(input_ids.shape[0], device=input_ids.device)
         try:
-            logits, _ = model.language_model(embeds, use_cache=True)
+            logits, _ = llm(embeds, use_cache=True)
         finally:
             if model._adapter_gate is not None:
                 model._adapter_gate.value = None
@@ -108,10 +129,17 @@ class TrainingObjective(nn.Module):
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
         )
         if not self.with_ctc:
-            return cross_entropy, None, None
+            return cross_entropy, None, None, slot_logits
         final = _log_probs(model.encoder.out(hidden))
         mid = _log_probs(mid_logits) if mid_logits is not None else None
-        return cross_entropy, final, mid
+        return cross_entropy, final, mid, slot_logits
+
+
+def _transcript_audio(embedding, audio, audio_ids):
+    """`audio` with the rows of `audio_ids` >= 0 replaced by those tokens' embeddings: what
+    the reading lessons put there (fms_speech.reading)."""
+    replaced = (audio_ids >= 0).any(dim=1)[:, None, None]
+    return torch.where(replaced, embedding(audio_ids.clamp(min=0)).to(audio.dtype), audio)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -130,17 +158,60 @@ def ctc_loss(log_probs, feature_lengths, targets, target_lengths) -> torch.Tenso
     )
 
 
-def batch_loss(step_fn, batch: Batch, ctc_weight: float):
-    """(loss, cross-entropy, ctc) of a batch; ctc averages the last and middle layers."""
+def batch_loss(step_fn, batch: Batch, options: TrainOptions, rng: random.Random | None = None):
+    """(loss, cross-entropy, ctc) of a batch; ctc averages the encoder's last and middle layers
+    (the word-slot loss, where asked for, is in the loss but not in the ctc value)."""
     tokens = torch.stack([batch.input_ids, batch.labels])
-    cross_entropy, final, mid = step_fn(tokens, batch.features, batch.feature_lengths)
-    if final is None:
-        return cross_entropy, cross_entropy, torch.zeros_like(cross_entropy)
-    lengths, targets, target_lengths = batch.feature_lengths, batch.ctc_targets, batch.ctc_lengths
-    ctc = ctc_loss(final, lengths, targets, target_lengths)
-    if mid is not None:
-        ctc = (ctc + ctc_loss(mid, lengths, targets, target_lengths)) / 2
-    return cross_entropy + ctc_weight * ctc, cross_entropy, ctc
+    audio_ids = None
+    if options.transcript_audio > 0:
+        audio_ids = transcript_audio_ids(batch, options.transcript_audio, rng or random.Random())
+    cross_entropy, final, mid, slot_logits = step_fn(
+        tokens, batch.features, batch.feature_lengths, audio_ids
+    )
+    loss = cross_entropy
+    ctc = torch.zeros_like(cross_entropy)
+    if final is not None:
+        lengths, targets, target_lengths = (
+            batch.feature_lengths,
+            batch.ctc_targets,
+            batch.ctc_lengths,
+        )
+        ctc = ctc_loss(final, lengths, targets, target_lengths)
+        if mid is not None:
+            ctc = (ctc + ctc_loss(mid, lengths, targets, target_lengths)) / 2
+        loss = loss + options.ctc_weight * ctc
+    if slot_logits is not None:
+        loss = loss + options.word_slot_weight * word_slot_loss(slot_logits, batch, audio_ids)
+    return loss, cross_entropy, ctc
+
+
+def transcript_audio_ids(batch: Batch, share: float, rng: random.Random) -> torch.Tensor:
+    """(B, audio vectors): for about `share` of the rows with word timing, the token spoken at
+    each audio vector (pad in silence); -1 for the other rows and past a row's vectors."""
+    counts = (batch.input_ids == batch.audio_token_index).sum(dim=1).tolist()
+    ids = torch.full((len(counts), max(counts)), -1, dtype=torch.long)
+    if batch.slot_tokens is None:
+        return ids
+    for row, count in enumerate(counts):
+        spoken = batch.slot_tokens[row, :count]
+        if bool((spoken != IGNORE_INDEX).all()) and rng.random() < share:
+            ids[row, :count] = spoken
+    return ids
+
+
+def word_slot_loss(slot_logits, batch: Batch, audio_ids) -> torch.Tensor:
+    """Cross-entropy of the audio vectors' token logits (B, T, V) against the token spoken at
+    each one's time, over the rows whose audio was not replaced."""
+    targets = batch.slot_tokens
+    if targets is None:
+        return slot_logits.sum() * 0
+    if audio_ids is not None:
+        targets = targets.masked_fill((audio_ids >= 0).any(dim=1, keepdim=True), IGNORE_INDEX)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return slot_logits.sum() * 0
+    return F.cross_entropy(
+        slot_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def trainable_parameters(model: GraniteSpeech, parts) -> dict[str, list[nn.Parameter]]:
@@ -297,7 +368,11 @@ def train(
         pool_batches=options.pool_batches,
         seed=options.seed,
     )
-    objective = TrainingObjective(model, with_ctc=options.ctc_weight > 0)
+    if start == 0 and options.reading_steps > 0:
+        _teach_reading(model, tokenizer, template, source, options, progress)
+    objective = TrainingObjective(
+        model, with_ctc=options.ctc_weight > 0, with_slot_logits=options.word_slot_weight > 0
+    )
     if options.compile:
         from fms_speech.compile import compile_model
 
@@ -317,7 +392,8 @@ def train(
     started = time.perf_counter()
     step = start
     for batch in batch_loader(dataset, options.workers):
-        loss, cross_entropy, ctc = batch_loss(step_fn, batch, options.ctc_weight)
+        rng = random.Random(f"{options.seed}/transcript-audio/{step}")
+        loss, cross_entropy, ctc = batch_loss(step_fn, batch, options, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip)
@@ -353,6 +429,40 @@ def train(
     return result
 
 
+def _teach_reading(model, tokenizer, template, source, options: TrainOptions, progress: bool):
+    from tqdm import tqdm
+
+    from fms_speech.reading import teach_reading
+
+    if hasattr(source, "text_source"):
+        text_source = source.text_source
+    elif hasattr(source, "entries"):  # a manifest: its own transcripts
+        texts = [text for _, text in source.entries]
+        text_source = lambda rng: rng.choice(texts)  # noqa: E731
+    else:
+        raise ValueError(
+            "reading lessons need the training texts: a synthesised or manifest source"
+        )
+    bar = tqdm(total=options.reading_steps, disable=not progress, file=sys.stderr, unit="lesson")
+
+    def on_step(step, loss):
+        bar.set_postfix(ce=f"{loss:.3f}")
+        bar.update(1)
+
+    teach_reading(
+        model,
+        tokenizer,
+        template,
+        text_source,
+        options.reading_steps,
+        options.batch_size,
+        options.learning_rate,
+        options.seed,
+        on_step,
+    )
+    bar.close()
+
+
 # ---- the command line
 
 
@@ -369,6 +479,15 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--ctc-weight", type=float)
+    parser.add_argument(
+        "--word-slot-weight", type=float, help="audio vectors' loss against the spoken words"
+    )
+    parser.add_argument(
+        "--reading-steps", type=int, help="reading lessons for the LLM before training"
+    )
+    parser.add_argument(
+        "--transcript-audio", type=float, help="share of rows reading their transcript as audio"
+    )
     parser.add_argument("--train", dest="parts", help=f"comma-separated parts: {','.join(PARTS)}")
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--seed", type=int)

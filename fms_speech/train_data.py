@@ -26,9 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fms_speech.audio import SAMPLE_RATE, load_audio, log_mel, prepare_waveform
+from fms_speech.audio import (
+    FRAMES_PER_SECOND,
+    SAMPLE_RATE,
+    load_audio,
+    log_mel,
+    prepare_waveform,
+)
 from fms_speech.models.qformer import num_audio_tokens
-from fms_speech.prompts import prompt_ids
+from fms_speech.prompts import AUDIO_PLACEHOLDER, prompt_ids
 
 # The characters the encoder's CTC head emits: index 0 is the CTC blank
 CTC_ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
@@ -52,6 +58,10 @@ class Augmentation:
     pad_seconds: tuple[float, float] = (0.0, 0.3)  # silence before and after the speech
 
     def apply(self, samples: np.ndarray, rng: random.Random) -> np.ndarray:
+        return self.apply_with_offset(samples, rng)[0]
+
+    def apply_with_offset(self, samples: np.ndarray, rng: random.Random):
+        """(augmented samples, seconds of silence put before the speech)."""
         pad = [int(rng.uniform(*self.pad_seconds) * SAMPLE_RATE) for _ in range(2)]
         samples = np.pad(samples, pad)
         if rng.random() < self.noise_probability:
@@ -63,7 +73,7 @@ class Augmentation:
             noise *= math.sqrt(power / 10 ** (snr / 10) / (np.mean(noise**2) + 1e-12))
             samples = samples + noise.astype(np.float32)
         samples = samples * 10 ** (rng.uniform(*self.gain_db) / 20)
-        return np.clip(samples, -1.0, 1.0).astype(np.float32)
+        return np.clip(samples, -1.0, 1.0).astype(np.float32), pad[0] / SAMPLE_RATE
 
 
 def _low_pass(noise: np.ndarray, pole: float) -> np.ndarray:
@@ -83,7 +93,11 @@ class Voices:
 
 
 class SynthesizedSpeech:
-    """eSpeak NG speech of texts from `text_source(rng)`, augmented; example i from (seed, i)."""
+    """eSpeak NG speech of texts from `text_source(rng)`, augmented; example i from (seed, i).
+
+    An example is (waveform, text, (each word's start, the speech's end) in seconds): the
+    synthesiser's word timing, which `BatchMaker` turns into the word spoken at each audio
+    vector's time."""
 
     def __init__(
         self,
@@ -95,8 +109,8 @@ class SynthesizedSpeech:
         self.text_source, self.voices, self.augmentation = text_source, voices, augmentation
         self.seed = seed
 
-    def example(self, index: int) -> tuple[torch.Tensor, str]:
-        from fms_speech.synthesis import synthesize
+    def example(self, index: int) -> tuple[torch.Tensor, str, tuple[list[float], float]]:
+        from fms_speech.synthesis import synthesize, word_timing
 
         rng = random.Random(f"{self.seed}/{index}")
         text = self.text_source(rng)
@@ -108,10 +122,12 @@ class SynthesizedSpeech:
             pitch=rng.randint(*v.pitch),
             pitch_range=rng.randint(*v.pitch_range),
         )
-        waveform = prepare_waveform(samples, sample_rate).numpy()
+        starts, end = word_timing()
+        waveform, offset = prepare_waveform(samples, sample_rate).numpy(), 0.0
         if self.augmentation is not None:
-            waveform = self.augmentation.apply(waveform, rng)
-        return torch.from_numpy(waveform), text
+            waveform, offset = self.augmentation.apply_with_offset(waveform, rng)
+        timing = ([start + offset for start in starts], end + offset)
+        return torch.from_numpy(waveform), text, timing
 
     def __len__(self) -> int:
         return 2**62  # endless
@@ -188,6 +204,11 @@ class Batch:
     ctc_targets: torch.Tensor  # (B, S) character classes, 0-padded
     ctc_lengths: torch.Tensor  # (B,)
     texts: list[str]
+    pad_id: int = 0  # the tokenizer's pad token
+    audio_token_index: int = -1  # the tokenizer's <|audio|>
+    # (B, audio vectors): the token being spoken at each audio vector's time, the pad token in
+    # silence, -100 where unknown (no word timing) and past the row's audio vectors
+    slot_tokens: torch.Tensor | None = None
 
 
 class BatchMaker:
@@ -199,11 +220,16 @@ class BatchMaker:
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
 
-    def __call__(self, examples: Sequence[tuple[torch.Tensor, str]]) -> Batch:
-        features, lengths = log_mel([waveform for waveform, _ in examples])
+    def __call__(self, examples: Sequence[tuple]) -> Batch:
+        """examples: (waveform, text) or (waveform, text, word timing) (`SynthesizedSpeech`)."""
+        features, lengths = log_mel([example[0] for example in examples])
         counts = num_audio_tokens(lengths, self.window_size, self.downsample_rate).tolist()
         rows, label_rows = [], []
-        for (_, text), count in zip(examples, counts, strict=True):
+        slot_tokens = torch.full((len(examples), max(counts)), IGNORE_INDEX, dtype=torch.long)
+        for row, (example, count) in enumerate(zip(examples, counts, strict=True)):
+            text = example[1]
+            if len(example) > 2:
+                slot_tokens[row, :count] = self.spoken_tokens(text, *example[2], count)
             prompt = prompt_ids(self.tokenizer, self.template, count)
             answer = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
             rows.append(prompt + answer)
@@ -215,7 +241,7 @@ class BatchMaker:
         for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
             input_ids[i, : len(row)] = torch.tensor(row)
             labels[i, : len(label_row)] = torch.tensor(label_row)
-        characters = [ctc_targets(text) for _, text in examples]
+        characters = [ctc_targets(example[1]) for example in examples]
         ctc = torch.zeros(len(characters), max(1, *map(len, characters)), dtype=torch.long)
         for i, row in enumerate(characters):
             ctc[i, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -226,8 +252,33 @@ class BatchMaker:
             lengths,
             ctc,
             torch.tensor([len(row) for row in characters]),
-            [text for _, text in examples],
+            [example[1] for example in examples],
+            self.pad_id,
+            self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER),
+            slot_tokens,
         )
+
+    def spoken_tokens(self, text: str, starts: list[float], end: float, count: int):
+        """(count,): the token spoken at each audio vector's middle, pad in silence; a word of
+        several tokens shares its time among them. All -100 if the timing has another number of
+        words than the text."""
+        words = text.split()
+        tokens = torch.full((count,), IGNORE_INDEX, dtype=torch.long)
+        if len(words) != len(starts) or not words:
+            return tokens
+        # vector s sums up encoder frames [s, s + 1) * downsample_rate (50 per second)
+        times = (torch.arange(count) + 0.5) * self.downsample_rate / FRAMES_PER_SECOND
+        tokens.fill_(self.pad_id)
+        bounds = [*starts, end]
+        for k, word in enumerate(words):
+            pieces = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+            inside = ((times >= bounds[k]) & (times < bounds[k + 1])).nonzero().flatten()
+            for j, piece in enumerate(pieces):
+                share = inside[
+                    j * len(inside) // len(pieces) : (j + 1) * len(inside) // len(pieces)
+                ]
+                tokens[share] = piece
+        return tokens
 
 
 class BucketedBatches(torch.utils.data.IterableDataset):

@@ -9,6 +9,7 @@ import random
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 from fms.models import get_model
 from fms.models.granite import GraniteConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -22,7 +23,13 @@ from fms_speech.models.granite_speech import GraniteSpeechConfig
 from fms_speech.models.qformer import QFormerConfig
 from fms_speech.prompts import chat_text, instruction, prompt_ids
 from fms_speech.testing.reference import relative_error
-from fms_speech.train import TrainOptions, new_model, train
+from fms_speech.train import (
+    TrainOptions,
+    new_model,
+    train,
+    transcript_audio_ids,
+    word_slot_loss,
+)
 from fms_speech.train_data import CTC_ALPHABET, Augmentation, SynthesizedSpeech, Voices
 
 TOLERANCE = 1e-4
@@ -103,6 +110,9 @@ def trained(tokenizer, tmp_path_factory):
         workers=0,
         pool_batches=4,
         compile=False,
+        word_slot_weight=1.0,  # the demo recipe's reading aids, so that their path is run
+        transcript_audio=0.25,
+        reading_steps=10,
     )
     result = train(model, tokenizer, _source(), options, directory, progress=False)
     return model, result, directory
@@ -112,7 +122,8 @@ def test_training_loss_falls_and_saves(trained):
     _, result, directory = trained
     assert result.steps == 30
     first, last = result.losses[:5], result.losses[-5:]
-    # measured: the last five steps average 0.75 of the first five (7.41 -> 5.53)
+    # measured with the demo recipe's reading aids (lessons, word slots, transcript rows): the
+    # last five steps average 0.69 of the first five (11.07 -> 7.66; 0.75 without them)
     assert sum(last) / 5 < 0.85 * sum(first) / 5, result.losses
     assert sum(result.cross_entropy[-5:]) < sum(result.cross_entropy[:5])
     assert sum(result.ctc[-5:]) < sum(result.ctc[:5])
@@ -219,3 +230,85 @@ def test_saved_checkpoint_loads_in_fms_and_reference_with_equal_logits(tokenizer
         theirs = reference(input_ids=text_ids).logits / scaling
         ours = model(text_ids)
     assert relative_error(theirs, ours) <= TOLERANCE
+
+
+def _maker(tokenizer):
+    from fms_speech.train_data import BatchMaker
+
+    config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|audio|>"))
+    c = config.projector_config
+    return BatchMaker(
+        tokenizer, chat_text(tokenizer, instruction()), c.window_size, c.downsample_rate
+    )
+
+
+def _batch(tokenizer, texts, timed=True):
+    """A batch of noise clips (2 s and longer) with these transcripts, their words spoken 0.8 s
+    apart from 0.2 s on (where timed)."""
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for i, text in enumerate(texts):
+        waveform = 0.1 * torch.randn(32000 + 8000 * i, generator=generator)
+        starts = [0.2 + 0.8 * k for k in range(len(text.split()))]
+        examples.append((waveform, text, (starts, starts[-1] + 0.8)) if timed else (waveform, text))
+    return _maker(tokenizer)(examples)
+
+
+def test_spoken_tokens_follow_the_word_timing(tokenizer):
+    maker = _maker(tokenizer)
+    # vector s sits at (s + 0.5) * 0.1 s (downsample 5 of 50 frames a second)
+    tokens = maker.spoken_tokens("one two three", [0.1, 0.5, 0.9], 1.5, 17).tolist()
+    one, two = (tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("one", "two"))
+    three = tokenizer("three", add_special_tokens=False)["input_ids"]
+    assert len(one) == len(two) == 1 < len(three)  # the tiny tokenizer splits "three"
+    pad = tokenizer.pad_token_id
+    assert tokens[:5] == [pad] + one * 4  # 0.05 s: silence; 0.15-0.45 s: "one"
+    assert tokens[5:9] == two * 4
+    # "three" (0.9-1.5 s, six vectors) shares its time among its pieces, in order
+    assert [t for i, t in enumerate(tokens[9:15]) if i == 0 or t != tokens[8 + i]] == three
+    assert tokens[15:] == [pad, pad]
+    # a timing with another number of words than the text teaches nothing
+    assert set(maker.spoken_tokens("one two three", [0.1, 0.5], 1.5, 17).tolist()) == {-100}
+
+
+def test_transcript_audio_reads_the_spoken_tokens_in_place_of_the_audio(tokenizer):
+    texts = ["one two", "red", "green one red", "blue green", "two", "red blue one two"]
+    batch = _batch(tokenizer, texts)
+    counts = (batch.input_ids == batch.audio_token_index).sum(dim=1).tolist()
+    ids = transcript_audio_ids(batch, 0.5, random.Random(0))
+    assert ids.shape == (len(texts), max(counts))
+    replaced = [row for row in range(len(texts)) if bool((ids[row] >= 0).any())]
+    assert 0 < len(replaced) < len(texts)  # rows are drawn, about half of them
+    for row in range(len(texts)):
+        expected = batch.slot_tokens[row, : counts[row]] if row in replaced else -1
+        assert bool((ids[row, : counts[row]] == expected).all())
+        assert bool((ids[row, counts[row] :] == -1).all())
+    # the transcript's tokens are what the replaced rows read, in order
+    row = replaced[0]
+    spoken = ids[row, : counts[row]].tolist()
+    words = [
+        t for i, t in enumerate(spoken) if t != batch.pad_id and (i == 0 or t != spoken[i - 1])
+    ]
+    assert words == tokenizer(texts[row], add_special_tokens=False)["input_ids"]
+    # rows without word timing (a manifest's) are never replaced
+    untimed = _batch(tokenizer, texts, timed=False)
+    assert bool((transcript_audio_ids(untimed, 0.99, random.Random(4)) == -1).all())
+
+
+def test_word_slot_loss_prefers_the_spoken_tokens_and_skips_replaced_rows(tokenizer):
+    batch = _batch(tokenizer, ["one two", "red blue", "green one red"])
+    rows, steps = batch.slot_tokens.shape
+    targets = batch.slot_tokens.clamp(min=0)
+    right = 20.0 * F.one_hot(targets, len(tokenizer)).float()
+    wrong = 20.0 * F.one_hot(targets.roll(3, dims=1), len(tokenizer)).float()
+    assert (
+        float(word_slot_loss(right, batch, None))
+        < 1e-3
+        < 1.0
+        < float(word_slot_loss(wrong, batch, None))
+    )
+    mixed = right.clone()
+    mixed[2] = wrong[2]
+    audio_ids = torch.full((rows, steps), -1)
+    audio_ids[2, 0] = 5  # row 2 read its transcript: its vectors are not judged
+    assert float(word_slot_loss(mixed, batch, audio_ids)) < 1e-3

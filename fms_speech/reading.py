@@ -1,0 +1,111 @@
+"""Reading lessons: the LLM learns to copy a transcript out of its audio positions, before any
+audio is heard.
+
+A small LLM trained from scratch beside an untrained encoder learns the text prior and then
+ignores the audio vectors (docs/demo-model.md). The lessons give it the skill first, cheaply
+(no encoder, no synthesis): prompts whose audio positions hold the tokens of a sentence as it
+would be spoken, each token repeated over the positions its word would last, pad tokens for
+the silence around it (the format the word-slot loss then teaches the projector to write, see
+fms_speech.train), and the transcript as the answer. The LLM and its audio LoRA train on them.
+"""
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from fms_speech.models.granite_speech import GraniteSpeech
+from fms_speech.prompts import prompt_ids
+from fms_speech.train_data import IGNORE_INDEX
+
+# audio vectors per character of a word: 10 vectors a second at 150-230 words a minute
+VECTORS_PER_CHARACTER = (0.35, 0.8)
+
+
+def spoken_slots(tokenizer, text: str, rng: random.Random) -> list[int]:
+    """The tokens of `text` as the audio vectors of its speech would carry them: each word's
+    tokens over the positions the word lasts (at a speaking rate drawn per sentence), pad
+    tokens before and after."""
+    pad = tokenizer.pad_token_id
+    rate = rng.uniform(*VECTORS_PER_CHARACTER)
+    slots = [pad] * rng.randint(0, 4)
+    for word in text.split():
+        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        length = max(len(pieces), round(len(word) * rate * rng.uniform(0.7, 1.3)))
+        slots += [pieces[i * len(pieces) // length] for i in range(length)]
+    return slots + [pad] * rng.randint(0, 4)
+
+
+def lesson_batch(tokenizer, template: str, texts: list[str], rng: random.Random):
+    """(input ids, labels), right-padded: prompts with the spoken slots in place of the audio."""
+    audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
+    rows, label_rows = [], []
+    for text in texts:
+        slots = spoken_slots(tokenizer, text, rng)
+        prompt = prompt_ids(tokenizer, template, len(slots))
+        first = prompt.index(audio_id)
+        prompt[first : first + len(slots)] = slots
+        answer = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        label_rows.append([IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX])
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(label_row)] = torch.tensor(label_row)
+    return input_ids, labels
+
+
+def lesson_loss(model: GraniteSpeech, input_ids, labels) -> torch.Tensor:
+    """The LLM's cross-entropy on the answer, its audio LoRA on (the prompts stand for audio)."""
+    llm = model.language_model
+    gate = model._adapter_gate
+    if gate is not None:
+        gate.value = torch.ones(input_ids.shape[0], device=input_ids.device)
+    try:
+        logits, _ = llm(llm.base_model.embedding(input_ids), use_cache=True)
+    finally:
+        if gate is not None:
+            gate.value = None
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def teach_reading(
+    model: GraniteSpeech,
+    tokenizer,
+    template: str,
+    text_source,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int = 0,
+    on_step=None,
+) -> list[float]:
+    """Train the LLM and its LoRA on `steps` lesson batches; returns the losses."""
+    parameters = [
+        p for name, p in model.named_parameters() if not name.startswith(("encoder.", "projector."))
+    ]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98))
+    warmup = max(1, min(100, steps // 10))
+    losses = []
+    model.train()
+    for step in range(steps):
+        rng = random.Random(f"{seed}/reading/{step}")
+        texts = [text_source(rng) for _ in range(batch_size)]
+        # linear warm-up, then cosine decay to a tenth
+        decay = 0.55 + 0.45 * math.cos(math.pi * max(0, step - warmup) / max(1, steps - warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * min((step + 1) / warmup, decay)
+        loss = lesson_loss(model, *lesson_batch(tokenizer, template, texts, rng))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
+    return losses
