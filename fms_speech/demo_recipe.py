@@ -26,7 +26,9 @@ EOS, PAD, UNK, START_ROLE, END_ROLE, AUDIO = (
     "<|audio|>",
 )
 SPECIAL_TOKENS = [EOS, PAD, UNK, START_ROLE, END_ROLE, AUDIO]
-VOCAB_SIZE = 384
+# large enough that every word of the list is one token (1,952 are used): each word then has
+# one token for the audio vectors that speak it to write (the word-slot loss, fms_speech.train)
+VOCAB_SIZE = 2048
 
 TRAIN_VOICES = Voices(
     voices=tuple(
@@ -42,12 +44,15 @@ AUGMENTATION = Augmentation()
 
 # training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields)
 TRAIN_OPTIONS = dict(
-    steps=450,
+    steps=5000,
     batch_size=8,
     learning_rate=2e-3,
-    warmup_steps=30,
+    warmup_steps=200,
     ctc_weight=0.5,
-    save_every=30,
+    word_slot_weight=0.5,
+    reading_steps=4000,
+    transcript_audio=0.25,
+    save_every=500,
     seed=TRAIN_SEED,
     pool_batches=32,
     compile=False,  # see docs/demo-model.md: the compiled step recompiled per batch here

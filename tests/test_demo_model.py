@@ -2,9 +2,10 @@
 and a voice never used in training), eager, compiled and bf16; long audio through the CLI with
 fixed windows and with silero-vad regions; the CLI's default model.
 
-The shipped checkpoint is under-trained (docs/demo-model.md: 180 of the recipe's 450 steps, WER
-100%), so the tests of its accuracy are strict expected failures: they fail loudly (XPASS) once a
-trained model is shipped, and must then get the measured bounds in place of the markers.
+The shipped checkpoint is under-trained (docs/demo-model.md: 5,000 steps, WER 86% on 100 held-out
+sentences), so the tests of the issue's accuracy are strict expected failures: they fail loudly
+(XPASS) once a model that meets it is shipped, and must then get the measured bounds in place of
+the markers.
 """
 
 import itertools
@@ -111,8 +112,15 @@ def long_form(tmp_path_factory):
     return path, sentences, spans, score(sentences, alone)[0]
 
 
-# with vad, segments whose text is empty are dropped: the boundaries need a model that writes
-@pytest.mark.parametrize("segmentation", ["fixed", pytest.param("vad", marks=UNDER_TRAINED)])
+# fixed 20 s windows are far longer than any training clip (3-10 words): on the 356 s passage of
+# docs/demo-model.md the shipped model's WER is 97.9% through fixed windows, 88.8% through vad
+# regions, 90.4% sentence by sentence (measured); here 96.4% against 81.8% with fixed windows
+LONG_WINDOWS = pytest.mark.xfail(
+    strict=True, reason="the demo model never heard clips as long as a fixed window"
+)
+
+
+@pytest.mark.parametrize("segmentation", [pytest.param("fixed", marks=LONG_WINDOWS), "vad"])
 def test_long_form_through_the_cli(long_form, tmp_path, capsys, segmentation):
     path, sentences, spans, sentence_wer = long_form
     code = main(
