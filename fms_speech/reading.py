@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fms_speech.models.granite_speech import GraniteSpeech
 from fms_speech.prompts import prompt_ids
-from fms_speech.train_data import IGNORE_INDEX
+from fms_speech.train_data import IGNORE_INDEX, Batch
 
 # audio vectors per character of a word: 10 vectors a second at 150-230 words a minute
 VECTORS_PER_CHARACTER = (0.35, 0.8)
@@ -109,3 +109,42 @@ def teach_reading(
         if on_step is not None:
             on_step(step + 1, losses[-1])
     return losses
+
+
+# ---- during training: transcript rows and the word-slot loss (fms_speech.train)
+
+
+def transcript_audio_ids(batch: Batch, share: float, rng: random.Random) -> torch.Tensor:
+    """(B, audio vectors): for about `share` of the rows with word timing, the token spoken at
+    each audio vector (pad in silence); -1 for the other rows and past a row's vectors."""
+    counts = (batch.input_ids == batch.audio_token_index).sum(dim=1).tolist()
+    ids = torch.full((len(counts), max(counts)), -1, dtype=torch.long)
+    if batch.slot_tokens is None:
+        return ids
+    for row, count in enumerate(counts):
+        spoken = batch.slot_tokens[row, :count]
+        if bool((spoken != IGNORE_INDEX).all()) and rng.random() < share:
+            ids[row, :count] = spoken
+    return ids
+
+
+def word_slot_loss(slot_logits, batch: Batch, audio_ids) -> torch.Tensor:
+    """Cross-entropy of the audio vectors' token logits (B, T, V) against the token spoken at
+    each one's time, over the rows whose audio was not replaced."""
+    targets = batch.slot_tokens
+    if targets is None:
+        return slot_logits.sum() * 0
+    if audio_ids is not None:
+        targets = targets.masked_fill((audio_ids >= 0).any(dim=1, keepdim=True), IGNORE_INDEX)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return slot_logits.sum() * 0
+    return F.cross_entropy(
+        slot_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def transcript_audio(embedding, audio, audio_ids):
+    """`audio` with the rows of `audio_ids` >= 0 replaced by those tokens' embeddings: what
+    the reading lessons put there."""
+    replaced = (audio_ids >= 0).any(dim=1)[:, None, None]
+    return torch.where(replaced, embedding(audio_ids.clamp(min=0)).to(audio.dtype), audio)

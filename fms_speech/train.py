@@ -31,6 +31,12 @@ from fms_speech.audio import FRAMES_PER_SECOND
 from fms_speech.models.conformer import frame_mask
 from fms_speech.models.granite_speech import GraniteSpeech, GraniteSpeechConfig
 from fms_speech.prompts import chat_text, instruction
+from fms_speech.reading import (
+    teach_reading,
+    transcript_audio,
+    transcript_audio_ids,
+    word_slot_loss,
+)
 from fms_speech.train_data import (
     CTC_ALPHABET,
     CTC_BLANK,
@@ -113,7 +119,7 @@ class TrainingObjective(nn.Module):
         if self.with_slot_logits:
             slot_logits = llm.head(llm.base_model.dec_norm(audio))
         if audio_ids is not None:
-            audio = _transcript_audio(llm.base_model.embedding, audio, audio_ids)
+            audio = transcript_audio(llm.base_model.embedding, audio, audio_ids)
         is_audio = input_ids == model.config.audio_token_index
         text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
         embeds = llm.base_model.embedding(text_ids)
@@ -133,13 +139,6 @@ class TrainingObjective(nn.Module):
         final = _log_probs(model.encoder.out(hidden))
         mid = _log_probs(mid_logits) if mid_logits is not None else None
         return cross_entropy, final, mid, slot_logits
-
-
-def _transcript_audio(embedding, audio, audio_ids):
-    """`audio` with the rows of `audio_ids` >= 0 replaced by those tokens' embeddings: what
-    the reading lessons put there (fms_speech.reading)."""
-    replaced = (audio_ids >= 0).any(dim=1)[:, None, None]
-    return torch.where(replaced, embedding(audio_ids.clamp(min=0)).to(audio.dtype), audio)
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -183,35 +182,6 @@ def batch_loss(step_fn, batch: Batch, options: TrainOptions, rng: random.Random 
     if slot_logits is not None:
         loss = loss + options.word_slot_weight * word_slot_loss(slot_logits, batch, audio_ids)
     return loss, cross_entropy, ctc
-
-
-def transcript_audio_ids(batch: Batch, share: float, rng: random.Random) -> torch.Tensor:
-    """(B, audio vectors): for about `share` of the rows with word timing, the token spoken at
-    each audio vector (pad in silence); -1 for the other rows and past a row's vectors."""
-    counts = (batch.input_ids == batch.audio_token_index).sum(dim=1).tolist()
-    ids = torch.full((len(counts), max(counts)), -1, dtype=torch.long)
-    if batch.slot_tokens is None:
-        return ids
-    for row, count in enumerate(counts):
-        spoken = batch.slot_tokens[row, :count]
-        if bool((spoken != IGNORE_INDEX).all()) and rng.random() < share:
-            ids[row, :count] = spoken
-    return ids
-
-
-def word_slot_loss(slot_logits, batch: Batch, audio_ids) -> torch.Tensor:
-    """Cross-entropy of the audio vectors' token logits (B, T, V) against the token spoken at
-    each one's time, over the rows whose audio was not replaced."""
-    targets = batch.slot_tokens
-    if targets is None:
-        return slot_logits.sum() * 0
-    if audio_ids is not None:
-        targets = targets.masked_fill((audio_ids >= 0).any(dim=1, keepdim=True), IGNORE_INDEX)
-    if not bool((targets != IGNORE_INDEX).any()):
-        return slot_logits.sum() * 0
-    return F.cross_entropy(
-        slot_logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
 
 
 def trainable_parameters(model: GraniteSpeech, parts) -> dict[str, list[nn.Parameter]]:
@@ -431,8 +401,6 @@ def train(
 
 def _teach_reading(model, tokenizer, template, source, options: TrainOptions, progress: bool):
     from tqdm import tqdm
-
-    from fms_speech.reading import teach_reading
 
     if hasattr(source, "text_source"):
         text_source = source.text_source

@@ -22,13 +22,12 @@ from fms_speech.models.conformer import ConformerConfig
 from fms_speech.models.granite_speech import GraniteSpeechConfig
 from fms_speech.models.qformer import QFormerConfig
 from fms_speech.prompts import chat_text, instruction, prompt_ids
+from fms_speech.reading import transcript_audio_ids, word_slot_loss
 from fms_speech.testing.reference import relative_error
 from fms_speech.train import (
     TrainOptions,
     new_model,
     train,
-    transcript_audio_ids,
-    word_slot_loss,
 )
 from fms_speech.train_data import CTC_ALPHABET, Augmentation, SynthesizedSpeech, Voices
 
