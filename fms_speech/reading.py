@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fms_speech.models.granite_speech import GraniteSpeech
-from fms_speech.prompts import prompt_ids
-from fms_speech.train_data import IGNORE_INDEX, Batch
+from fms_speech.prompts import AUDIO_PLACEHOLDER, prompt_ids
+from fms_speech.train_data import IGNORE_INDEX, Batch, padded_rows
 
 # audio vectors per character of a word: 10 vectors a second at 150-230 words a minute
 VECTORS_PER_CHARACTER = (0.35, 0.8)
@@ -39,7 +39,7 @@ def spoken_slots(tokenizer, text: str, rng: random.Random) -> list[int]:
 
 def lesson_batch(tokenizer, template: str, texts: list[str], rng: random.Random):
     """(input ids, labels), right-padded: prompts with the spoken slots in place of the audio."""
-    audio_id = tokenizer.convert_tokens_to_ids("<|audio|>")
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
     rows, label_rows = [], []
     for text in texts:
         slots = spoken_slots(tokenizer, text, rng)
@@ -49,13 +49,7 @@ def lesson_batch(tokenizer, template: str, texts: list[str], rng: random.Random)
         answer = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         label_rows.append([IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX])
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        labels[i, : len(label_row)] = torch.tensor(label_row)
-    return input_ids, labels
+    return padded_rows(rows, label_rows, tokenizer.pad_token_id)
 
 
 def lesson_loss(model: GraniteSpeech, input_ids, labels) -> torch.Tensor:

@@ -211,6 +211,17 @@ class Batch:
     slot_tokens: torch.Tensor | None = None
 
 
+def padded_rows(rows: list[list[int]], label_rows: list[list[int]], pad_id: int):
+    """(input ids, labels) as right-padded tensors: pad_id and -100 past each row's end."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(label_row)] = torch.tensor(label_row)
+    return input_ids, labels
+
+
 class BatchMaker:
     """Turns (waveform, text) examples into a `Batch` for a model with this projector and prompt."""
 
@@ -235,12 +246,7 @@ class BatchMaker:
             rows.append(prompt + answer)
             # position j predicts token j + 1: the answer's tokens, from the prompt's last on
             label_rows.append([IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX])
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            labels[i, : len(label_row)] = torch.tensor(label_row)
+        input_ids, labels = padded_rows(rows, label_rows, self.pad_id)
         characters = [ctc_targets(example[1]) for example in examples]
         ctc = torch.zeros(len(characters), max(1, *map(len, characters)), dtype=torch.long)
         for i, row in enumerate(characters):
