@@ -52,20 +52,26 @@ def lesson_batch(tokenizer, template: str, texts: list[str], rng: random.Random)
     return padded_rows(rows, label_rows, tokenizer.pad_token_id)
 
 
-def lesson_loss(model: GraniteSpeech, input_ids, labels) -> torch.Tensor:
-    """The LLM's cross-entropy on the answer, its audio LoRA on (the prompts stand for audio)."""
+def answer_loss(model: GraniteSpeech, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The LLM's cross-entropy on the labelled tokens of `embeds`, its audio LoRA on (every
+    training prompt carries audio, or stands for it)."""
     llm = model.language_model
     gate = model._adapter_gate
     if gate is not None:
-        gate.value = torch.ones(input_ids.shape[0], device=input_ids.device)
+        gate.value = torch.ones(embeds.shape[0], device=embeds.device)
     try:
-        logits, _ = llm(llm.base_model.embedding(input_ids), use_cache=True)
+        logits, _ = llm(embeds, use_cache=True)
     finally:
         if gate is not None:
             gate.value = None
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
     )
+
+
+def lesson_loss(model: GraniteSpeech, input_ids, labels) -> torch.Tensor:
+    """The cross-entropy on a lesson's answer: its prompt is all token embeddings."""
+    return answer_loss(model, model.language_model.base_model.embedding(input_ids), labels)
 
 
 def teach_reading(

@@ -32,6 +32,7 @@ from fms_speech.models.conformer import frame_mask
 from fms_speech.models.granite_speech import GraniteSpeech, GraniteSpeechConfig
 from fms_speech.prompts import chat_text, instruction
 from fms_speech.reading import (
+    answer_loss,
     teach_reading,
     transcript_audio,
     transcript_audio_ids,
@@ -40,7 +41,6 @@ from fms_speech.reading import (
 from fms_speech.train_data import (
     CTC_ALPHABET,
     CTC_BLANK,
-    IGNORE_INDEX,
     Batch,
     BatchMaker,
     BucketedBatches,
@@ -124,16 +124,7 @@ class TrainingObjective(nn.Module):
         text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
         embeds = llm.base_model.embedding(text_ids)
         embeds = model._merge_audio(input_ids, embeds, audio)
-        if model._adapter_gate is not None:  # every training prompt carries audio
-            model._adapter_gate.value = torch.ones(input_ids.shape[0], device=input_ids.device)
-        try:
-            logits, _ = llm(embeds, use_cache=True)
-        finally:
-            if model._adapter_gate is not None:
-                model._adapter_gate.value = None
-        cross_entropy = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        cross_entropy = answer_loss(model, embeds, labels)
         if not self.with_ctc:
             return cross_entropy, None, None, slot_logits
         final = _log_probs(model.encoder.out(hidden))
