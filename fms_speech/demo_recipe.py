@@ -44,7 +44,7 @@ AUGMENTATION = Augmentation()
 
 # training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields)
 TRAIN_OPTIONS = dict(
-    steps=5000,
+    steps=8500,
     batch_size=8,
     learning_rate=2e-3,
     warmup_steps=200,

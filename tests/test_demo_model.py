@@ -2,10 +2,11 @@
 and a voice never used in training), eager, compiled and bf16; long audio through the CLI with
 fixed windows and with silero-vad regions; the CLI's default model.
 
-The shipped checkpoint is under-trained (docs/demo-model.md: 5,000 steps, WER 86% on 100 held-out
-sentences), so the tests of the issue's accuracy are strict expected failures: they fail loudly
-(XPASS) once a model that meets it is shipped, and must then get the measured bounds in place of
-the markers.
+The shipped checkpoint is under-trained (docs/demo-model.md: 8,500 steps, WER 65.6% on 100
+held-out sentences), so the tests of the issue's accuracy are strict expected failures: they fail
+loudly (XPASS) once a model that meets it is shipped, and must then get the measured bounds in
+place of the markers. Until then the held-out WER is held to the bound measured for the shipped
+checkpoint, so that a change that makes it transcribe worse fails.
 """
 
 import itertools
@@ -24,6 +25,9 @@ from fms_speech.transcribe import Transcriber
 HELD_OUT_COUNT = 12
 # the issue's target; the shipped checkpoint misses it (docs/demo-model.md)
 WER_BOUND = 0.10
+# the shipped checkpoint on this test's 12 sentences (82 words): 70.7% measured; the margin is
+# about 7 words (eSpeak NG's jitter moves single words); random weights write none right (100%)
+SHIPPED_WER_BOUND = 0.80
 UNDER_TRAINED = pytest.mark.xfail(
     strict=True, reason="the shipped demo model is under-trained (docs/demo-model.md)"
 )
@@ -32,10 +36,10 @@ UNDER_TRAINED = pytest.mark.xfail(
 MAX_WER_DIFFERENCE = 0.025
 LONG_FORM_SENTENCES = 8
 # long form within 2 points of the same sentences one by one (the issue's target), met by vad
-# regions on the 356 s passage of docs/demo-model.md (88.8% vs 90.4%); on this test's 8 sentences
+# regions on the 356 s passage of docs/demo-model.md (65.8% vs 68.6%); on this test's 8 sentences
 # (55 words, one word is 1.8 points) the comparison moves with eSpeak NG's history-dependent
-# jitter: measured vad minus sentence by sentence -7.3, +3.6 points in two runs; asserted with
-# that margin (4 words); fixed windows keep the target (measured +11 and +15 points)
+# jitter: measured vad minus sentence by sentence -7.3, +3.6 points in two runs (the previous
+# checkpoint); asserted with that margin (4 words); fixed windows keep the target
 LONG_FORM_WER_MARGIN = {"fixed": 0.02, "vad": 0.075}
 BOUNDARY_TOLERANCE = 0.3  # seconds
 README_SENTENCE = "many people believe that music can change the world"
@@ -64,6 +68,11 @@ def test_demo_model_is_small_and_complete():
     assert size <= 20 * 2**20
     for name in ("config.json", "model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert (DEMO_MODEL / name).is_file()
+
+
+def test_held_out_wer_within_the_shipped_models_bound(eager_report):
+    assert eager_report.failed == 0
+    assert eager_report.wer <= SHIPPED_WER_BOUND, eager_report.table()
 
 
 @UNDER_TRAINED
@@ -118,8 +127,8 @@ def long_form(tmp_path_factory):
 
 
 # fixed 20 s windows are far longer than any training clip (3-10 words): on the 356 s passage of
-# docs/demo-model.md the shipped model's WER is 97.9% through fixed windows, 88.8% through vad
-# regions, 90.4% sentence by sentence (measured); here 96.4% against 81.8% with fixed windows
+# docs/demo-model.md the shipped model's WER is 97.8% through fixed windows, 65.8% through vad
+# regions, 68.6% sentence by sentence (measured)
 LONG_WINDOWS = pytest.mark.xfail(
     strict=True, reason="the demo model never heard clips as long as a fixed window"
 )
