@@ -21,6 +21,11 @@ fx_config = _torch_fx_config
 # Marking an input dimension dynamic before dynamo traces a call (the model's forward pre-hook):
 # documented in torch's dynamic-shapes guide, but only under torch._dynamo in 2.13.
 maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic
+# ... and marking it unbacked (no size hint, never specialised to 0 or 1: compile_model's batch)
+mark_unbacked = torch._dynamo.decorators.mark_unbacked
+
+# inductor's settings (fms_speech.compile), process-wide like the symbolic-shape ones
+inductor_config = torch._inductor.config
 
 # Runs a function's frame outside dynamo when it is the frame dynamo would compile, yet lets
 # dynamo inline it when traced from an enclosing compiled frame (unlike torch.compiler.disable,

@@ -103,12 +103,16 @@ def test_plain_torch_compile_needs_at_most_two_graphs(checkpoints):
     generator = torch.Generator().manual_seed(0)
     before = counters["stats"]["unique_graphs"]
     defaults = {"backed_size_oblivious": False, "use_duck_shape": True}  # compile_model's undone
-    with fx_config.patch(defaults), torch.no_grad():
-        for batch, frames in SHAPES:
-            ids, features, lengths = _inputs(model, batch, frames, generator)
-            actual = compiled(ids, input_features=features, feature_lengths=lengths)
-            expected = model(ids, input_features=features, feature_lengths=lengths)
-            assert relative_error(actual, expected) <= 1e-4, (batch, frames)
+    unbacked, model.unbacked_batch = model.unbacked_batch, False  # (set by compile_model)
+    try:
+        with fx_config.patch(defaults), torch.no_grad():
+            for batch, frames in SHAPES:
+                ids, features, lengths = _inputs(model, batch, frames, generator)
+                actual = compiled(ids, input_features=features, feature_lengths=lengths)
+                expected = model(ids, input_features=features, feature_lengths=lengths)
+                assert relative_error(actual, expected) <= 1e-4, (batch, frames)
+    finally:
+        model.unbacked_batch = unbacked
     graphs = counters["stats"]["unique_graphs"] - before
     assert 1 <= graphs <= MAX_PLAIN_GRAPHS, f"{graphs} compilations for {len(SHAPES)} shapes"
 

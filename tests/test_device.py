@@ -141,7 +141,7 @@ def _prefill_logits(runner, model, prompts, features, lengths):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_compiled_matches_eager_with_two_graphs_per_phase(
+def test_compiled_matches_eager_with_one_graph_per_phase(
     checkpoints, reference, device, dtype_name
 ):
     dtype = DTYPES[dtype_name]
@@ -151,8 +151,8 @@ def test_compiled_matches_eager_with_two_graphs_per_phase(
     compiled = compile_model(model, backend=counting_backend(graphs))
     block = _block(model)
     tolerance = FP32_TOLERANCE if dtype == torch.float32 else COMPILED_BF16_TOLERANCE
-    # a single clip first (a batch-1 graph per phase), then a ragged batch of three (the dynamic
-    # graph per phase that every later batch size reuses)
+    # a single clip first, then a ragged batch of three: one graph per phase serves both (the
+    # batch is unbacked under compile_model, fms_speech.compile)
     for frames in ([2 * block + 7], [3 * block + 5, block - 3, 2 * block]):
         prompts, features, lengths = _clips(model, frames, device, seed=len(frames))
         features = features.to(dtype)
@@ -189,4 +189,4 @@ def test_compiled_matches_eager_with_two_graphs_per_phase(
                     )[0, ids.shape[1] :].tolist()
                 tokens = tokens[: tokens.index(EOS)] if EOS in tokens else tokens
                 assert ours.sequences[row] == tokens, f"row {row}"
-    assert graphs == {"prefill": 2, "decode": 2}
+    assert graphs == {"prefill": 1, "decode": 1}

@@ -29,6 +29,7 @@ from fms.utils.config import ModelConfig
 from fms_speech import checkpoint
 from fms_speech._compat import (
     granite_hf_to_fms_rope,
+    mark_unbacked,
     maybe_mark_dynamic,
     register_hf_architecture,
     run_frame_eagerly,
@@ -80,18 +81,33 @@ def mark_dynamic_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     Under a plain `torch.compile(model)` dynamo runs the module's hooks before it traces
     forward, so the first graph already has a symbolic length and batch (a first batch of 1 is
     still specialised there: at most 2 graphs over any shapes, instead of one static graph, then
-    one with a dynamic length, then one with a dynamic batch). Marks only: never changes results.
+    one with a dynamic length, then one with a dynamic batch). Under `compile_model` the batch
+    is marked unbacked instead, and no first batch of 1 is specialised. Marks and checks only:
+    never changes results.
     """
     if torch.compiler.is_compiling():
         return
     named = {**dict(zip(_POSITIONAL_INPUTS, args, strict=False)), **kwargs}
+    tensors = []  # (tensor, its dynamic dims, the batch first)
     for name, dims in _DYNAMIC_DIMS.items():
-        tensor = named.get(name)
-        if isinstance(tensor, torch.Tensor):
-            maybe_mark_dynamic(tensor, dims[: tensor.dim()])  # (no comprehension: a frame)
+        tensors.append((named.get(name), dims))
     for layer in named.get("past_key_value_states") or ():
         for tensor in layer:
-            maybe_mark_dynamic(tensor, _CACHE_DIMS)
+            tensors.append((tensor, _CACHE_DIMS))
+    # (loops, no comprehensions or helpers: each would be a frame that dynamo traces)
+    batch_sizes = set()
+    for tensor, dims in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if module.unbacked_batch:
+            # one symbol for every input's batch, never specialised to 1 (fms_speech.compile)
+            mark_unbacked(tensor, 0, shape_id="batch", min=1)
+            batch_sizes.add(tensor.shape[0])
+            dims = dims[1:]
+        maybe_mark_dynamic(tensor, dims[: tensor.dim()])
+    # the compiled graph takes one batch for all and does not check it (fms_speech.compile)
+    if len(batch_sizes) > 1 or 0 in batch_sizes:
+        raise ValueError(f"the inputs' batch sizes are {sorted(batch_sizes)}: one, at least 1")
 
 
 # dynamo would otherwise compile the hook's own frame, where it sees `is_compiling()` true
@@ -139,6 +155,8 @@ class GraniteSpeech(nn.Module):
             if (self.config.lora_rank > 0)
             else None
         )
+        # set by fms_speech.compile.compile_model: the batch becomes an unbacked size
+        self.unbacked_batch = False
         self.register_forward_pre_hook(mark_dynamic_inputs, with_kwargs=True)
         self._tp_loads = LoadRecord().watch(self) if tensor_parallel else None
 
