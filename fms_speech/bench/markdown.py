@@ -271,7 +271,7 @@ def _grid_section(results: dict) -> list[str]:
         f"The encoder alone at {grid['seconds']:g} s per clip, random weights shared by both "
         "implementations, timed in turns (median [min–max] of "
         f"{grid['repeats']}); compiled per width with compile_model (batch 1 first, then "
-        "batch 4: see docs/compile-efficiency.md, Graphs per phase, for the batch-1 graph).",
+        "batch 4).",
         "",
     ]
     return lines + _table(
