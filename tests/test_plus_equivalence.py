@@ -94,7 +94,6 @@ def test_the_mid_layer_copy_carries_the_ctc_update(checkpoints):
 
 # compiled: one configuration over many shapes (and the compilation count), the others once
 MANY_SHAPES_CONFIG = "plus_three_layers"
-MAX_GRAPHS = 2  # a batch-1 graph first, then one dynamic graph (as tests/test_compile.py)
 
 
 @pytest.mark.slow
@@ -114,7 +113,8 @@ def test_compiled_over_many_shapes_is_one_graph_and_matches_reference(checkpoint
         expected = _reference_logits(reference, ids, features)
         assert relative_error(logits, expected) <= TOLERANCE, (batch, frames)
     graphs = counters["stats"]["unique_graphs"] - before
-    assert 1 <= graphs <= MAX_GRAPHS, f"{graphs} compilations for {len(shapes)} shapes"
+    # one graph from the first call, batch 1 included (the batch is unbacked: fms_speech.compile)
+    assert graphs == 1, f"{graphs} compilations for {len(shapes)} shapes"
 
 
 @pytest.mark.slow

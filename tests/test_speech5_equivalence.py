@@ -100,8 +100,8 @@ def test_padded_batch_and_decoding_match_reference_eager(ctc_checkpoints, name):
 # compiled: one configuration over many shapes (and the compilation count), the others once
 MANY_SHAPES_CONFIG = "ctc_three_subsamplings"
 # dynamo specialises a dimension that is 1 on the first call: a first call with one clip gives a
-# batch-1 graph, the next batch size one dynamic graph that serves everything else (as for
-# granite_speech, tests/test_compile.py)
+# batch-1 graph, the next batch size one dynamic graph that serves everything else (the CTC
+# model's batch is not marked unbacked, unlike granite_speech's: fms_speech.compile)
 MAX_GRAPHS = 2
 
 
