@@ -42,7 +42,7 @@ from fms_speech._compat import (
     extend_padding_kwargs,
     fx_config,
 )
-from fms_speech.compile import SYMBOLIC_SHAPE_SETTINGS, compile_model
+from fms_speech.compile import SYMBOLIC_SHAPE_SETTINGS, compile_model, cpu_inductor_settings
 from fms_speech.models.granite_speech import GraniteSpeech
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,10 @@ def prepare(
             aoti_compile_and_package(
                 program,
                 package_path=path,
-                inductor_configs={"aot_inductor.package_constants_in_so": False},
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                    **cpu_inductor_settings(),
+                },
             )
             compiled = time.perf_counter()
             package = aoti_load_package(path)

@@ -1,5 +1,6 @@
 """`fms-speech bench --quick`: every output is written and holds the expected structure."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from fms_speech.bench import cli
-from fms_speech.bench.settings import SYSTEMS, ClipShape
+from fms_speech.bench.settings import GRID_WIDTHS, SYSTEMS, ClipShape
 
 # --quick on the CPU: every system but the CUDA-graphs one
 CPU_SYSTEMS = [name for name in SYSTEMS if not name.endswith("cuda-graphs")]
@@ -205,3 +206,15 @@ def test_ctc_bench_refuses_the_compiled_reference(ctc_checkpoints, capsys, tmp_p
     error = capsys.readouterr().err
     assert error.startswith("fms-speech bench: error: a CTC model is benched as reference eager")
     assert not any(tmp_path.iterdir())
+
+
+def test_grid_widths_option_names_the_grids_widths():
+    """--grid-widths' choices (settings, read without torch) are DEFAULT_GRID's hidden sizes."""
+    from fms_speech.bench.grid import DEFAULT_GRID
+
+    assert tuple(width.hidden for width in DEFAULT_GRID) == GRID_WIDTHS
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args(["--grid-widths", "256", "512"]).grid_widths == [256, 512]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--grid-widths", "384"])

@@ -2,10 +2,17 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from fms_speech._compat import fx_config
-from fms_speech.compile import compile_model
+from fms_speech._compat import cpu_has_bf16_matmul, fx_config
+from fms_speech.compile import (
+    FLOAT32_MIN_ROWS,
+    Bf16ProductsInFloat32,
+    bf16_mm,
+    bf16_mm_op,
+    compile_model,
+)
 from fms_speech.generation import generate
 from fms_speech.testing.reference import prompt_ids, relative_error
 
@@ -168,3 +175,71 @@ def test_ctc_forward_is_one_graph_without_breaks(ctc_checkpoints):
     features = torch.randn(3, 45, 320, generator=torch.Generator().manual_seed(0))
     explanation = torch._dynamo.explain(model)(features, torch.tensor([45, 30, 7]))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+# --- bf16 matrix products on a CPU without bf16 instructions (fms_speech.compile) -----------
+
+
+@pytest.mark.parametrize("rows", [1, FLOAT32_MIN_ROWS - 1, FLOAT32_MIN_ROWS, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_mm_is_a_float32_product_rounded_once(rows, with_bias):
+    """From FLOAT32_MIN_ROWS rows, bit-equal to the float32 product rounded to bf16 once (what a
+    bf16 GEMM computes); below, ATen's own bf16 product. Either way within a bf16 rounding of
+    the exact product."""
+    generator = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 96, generator=generator).bfloat16()
+    w = torch.randn(48, 96, generator=generator).bfloat16().t()  # a linear's transposed weight
+    bias = torch.randn(48, generator=generator).bfloat16() if with_bias else None
+    got = bf16_mm(a, w, bias)
+    exact = a.double() @ w.double() + (0 if bias is None else bias.double())
+    if rows >= FLOAT32_MIN_ROWS:
+        f32 = a.float() @ w.float() + (0 if bias is None else bias.float())
+        assert torch.equal(got, f32.bfloat16())
+    else:
+        aten = torch.mm(a, w) if bias is None else torch.addmm(bias, a, w)
+        assert torch.equal(got, aten)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 48)
+    # bf16 keeps 8 bits: half an ulp of the largest output, plus the float32 sum's own error
+    assert (got.double() - exact).abs().max() <= exact.abs().max() * 2**-8
+
+
+def test_bf16_pass_replaces_only_cpu_bf16_products():
+    """The pass on a traced graph: bf16 mm and addmm become fms_speech::bf16_mm, float32 ones
+    stay ATen's, and the graph's outputs do not change beyond bf16 rounding."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def products(x16, w16, b16, x32, w32):
+        return F.linear(x16, w16, b16), x16 @ w16.t(), F.linear(x32, w32)
+
+    generator = torch.Generator().manual_seed(0)
+    x32, w32 = torch.randn(64, 32, generator=generator), torch.randn(16, 32, generator=generator)
+    b16 = torch.randn(16, generator=generator).bfloat16()
+    inputs = (x32.bfloat16(), w32.bfloat16(), b16, x32, w32)
+    graph_module = make_fx(products)(*inputs)
+    expected = graph_module(*inputs)
+    Bf16ProductsInFloat32()(graph_module.graph)
+    graph_module.recompile()
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert targets.count(bf16_mm_op) == 2
+    assert targets.count(torch.ops.aten.mm.default) == 1  # the float32 one
+    assert torch.ops.aten.addmm.default not in targets
+    for got, want in zip(graph_module(*inputs), expected, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.skipif(cpu_has_bf16_matmul(), reason="this CPU multiplies bf16 natively")
+def test_compile_model_routes_bf16_products_through_float32_on_this_cpu():
+    """A real inductor compile of a bf16 stack: the generated code calls the op, and the output
+    matches eager within bf16 rounding (2 ulp relative, the tolerance of the bf16 tests)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8))
+    stack = stack.bfloat16().eval()
+    x = torch.randn(50, 40).bfloat16()
+    with torch.no_grad():
+        got, code = run_and_get_code(compile_model(stack), x)
+        want = stack(x)
+    assert "fms_speech.bf16_mm" in "".join(code)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)

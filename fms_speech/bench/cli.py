@@ -9,7 +9,7 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
-from fms_speech.bench.settings import DTYPE_NAMES, PARTS, SYSTEM_SLUGS
+from fms_speech.bench.settings import DTYPE_NAMES, GRID_WIDTHS, PARTS, SYSTEM_SLUGS
 
 DESCRIPTION = """\
 Measure the reference (transformers) and fms-speech, eager and compiled, on the same weights
@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-clips", type=int, help="clips in the mixed workload (16)")
     parser.add_argument("--mixed-batch", type=int, help="clips per batch in it (4)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="parts to leave out")
+    parser.add_argument(
+        "--grid-widths",
+        nargs="+",
+        type=int,
+        choices=GRID_WIDTHS,
+        help="encoder widths of the encoder grid (default: all)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--profile", action="store_true", help="top ops per stage (torch.profiler)")

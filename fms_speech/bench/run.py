@@ -181,7 +181,12 @@ def _measure(
     if "encoder-grid" in settings.parts:
         with _phase("encoder grid"):
             results["encoder_grid"] = time_grid(
-                args.quick, torch.bfloat16, device, options["fms"], settings.repeats
+                args.quick,
+                torch.bfloat16,
+                device,
+                options["fms"],
+                settings.repeats,
+                args.grid_widths,
             )
         _write_partial(results, args.output_dir)
     if "warm-cache" in settings.parts and "mixed" in settings.parts:

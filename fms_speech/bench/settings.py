@@ -19,6 +19,8 @@ SYSTEM_SLUGS = {name.replace("reference", "ref").replace(" ", "-"): name for nam
 DEFAULT_SYSTEMS = ("reference eager", "fms eager", "fms compiled")
 DTYPE_NAMES = ("float32", "bfloat16")
 PARTS = ("e2e", "modules", "mixed", "warm-cache", "encoder-grid", "explain", "machine")
+# the hidden sizes of the encoder grid's widths (bench.grid.DEFAULT_GRID), for --grid-widths
+GRID_WIDTHS = (256, 512, 1024)
 
 
 @dataclass(frozen=True)
