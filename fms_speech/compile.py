@@ -89,22 +89,30 @@ _LIBRARY.impl("bf16_mm", bf16_mm, "CPU")
 torch.library.register_fake("fms_speech::bf16_mm", _bf16_mm_shape)
 
 
+def cpu_bf16_products(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, ...]]:
+    """(node, rows, matrix, bias or None) for each aten.mm and plain aten.addmm (no beta or
+    alpha) of bf16 CPU tensors in an inductor post-grad graph."""
+    products = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.mm.default:
+            (rows, matrix), bias = node.args, None
+        elif node.target is aten.addmm.default and len(node.args) == 3:
+            bias, rows, matrix = node.args
+        else:
+            continue
+        value = rows.meta.get("val")
+        if value is not None and value.dtype == torch.bfloat16 and value.device.type == "cpu":
+            products.append((node, rows, matrix, bias))
+    return products
+
+
 class Bf16ProductsInFloat32(CustomGraphPass):
     """Inductor post-grad pass: every CPU bf16 aten.mm / aten.addmm -> fms_speech::bf16_mm."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.kwargs:  # addmm with beta/alpha stays
-                continue
-            if node.target is aten.mm.default:
-                (rows, matrix), bias = node.args, None
-            elif node.target is aten.addmm.default and len(node.args) == 3:
-                bias, rows, matrix = node.args
-            else:
-                continue
-            value = rows.meta.get("val")
-            if value is None or value.dtype != torch.bfloat16 or value.device.type != "cpu":
-                continue
+        for node, rows, matrix, bias in cpu_bf16_products(graph):
             with graph.inserting_before(node):
                 product = graph.call_function(bf16_mm_op, (rows, matrix, bias))
             product.meta.update(node.meta)
@@ -112,7 +120,7 @@ class Bf16ProductsInFloat32(CustomGraphPass):
             graph.erase_node(node)
 
     def uuid(self) -> bytes:
-        source = inspect.getsource(type(self)) + inspect.getsource(bf16_mm)
+        source = "".join(map(inspect.getsource, (type(self), bf16_mm, cpu_bf16_products)))
         return hashlib.sha256(f"{source}{FLOAT32_MIN_ROWS}".encode()).digest()
 
 

@@ -23,7 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from fms_speech.bench import roofline
 from fms_speech.bench.experiments.random_weights import audio_prompts, variant_model
 from fms_speech.bench.measure import profile_call, summary
-from fms_speech.compile import compile_model
+from fms_speech.compile import compile_model, cpu_bf16_products
 from fms_speech.generation import generate
 
 aten = torch.ops.aten
@@ -58,21 +58,9 @@ class RowsTimesMatrix(CustomGraphPass):
     """Every bf16 mm / addmm with at least MIN_WEIGHTS weights -> rows_times_matrix (+ bias)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.kwargs:
-                continue
-            if node.target is aten.mm.default:
-                (rows, matrix), bias = node.args, None
-            elif node.target is aten.addmm.default and len(node.args) == 3:
-                bias, rows, matrix = node.args
-            else:
-                continue
-            value, weights = rows.meta.get("val"), matrix.meta.get("val")
-            if value is None or weights is None or value.dtype != torch.bfloat16:
-                continue
-            if value.device.type != "cpu":  # the op has a CPU kernel only
-                continue
-            if weights.numel() < MIN_WEIGHTS:
+        for node, rows, matrix, bias in cpu_bf16_products(graph):  # the op has a CPU kernel only
+            weights = matrix.meta.get("val")
+            if weights is None or weights.numel() < MIN_WEIGHTS:
                 continue
             with graph.inserting_before(node):
                 out = graph.call_function(rows_times_matrix_op, (rows, matrix))
