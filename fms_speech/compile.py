@@ -24,6 +24,7 @@ dynamic graph hold for every shape:
 
 import hashlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -89,11 +90,14 @@ _LIBRARY.impl("bf16_mm", bf16_mm, "CPU")
 torch.library.register_fake("fms_speech::bf16_mm", _bf16_mm_shape)
 
 
-def cpu_bf16_products(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, ...]]:
+def cpu_bf16_products(graph: torch.fx.Graph) -> Iterator[tuple[torch.fx.Node, ...]]:
     """(node, rows, matrix, bias or None) for each aten.mm and plain aten.addmm (no beta or
-    alpha) of bf16 CPU tensors in an inductor post-grad graph."""
-    products = []
-    for node in graph.nodes:
+    alpha) of bf16 CPU tensors in an inductor post-grad graph.
+
+    A generator that reads each node's arguments when it reaches the node: a caller may replace
+    the products it was given before asking for the next (whose rows may be one of them).
+    """
+    for node in list(graph.nodes):
         if node.op != "call_function" or node.kwargs:
             continue
         if node.target is aten.mm.default:
@@ -104,8 +108,7 @@ def cpu_bf16_products(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, ...]]:
             continue
         value = rows.meta.get("val")
         if value is not None and value.dtype == torch.bfloat16 and value.device.type == "cpu":
-            products.append((node, rows, matrix, bias))
-    return products
+            yield node, rows, matrix, bias
 
 
 class Bf16ProductsInFloat32(CustomGraphPass):

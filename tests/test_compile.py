@@ -209,7 +209,9 @@ def test_bf16_pass_replaces_only_cpu_bf16_products():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def products(x16, w16, b16, x32, w32):
-        return F.linear(x16, w16, b16), x16 @ w16.t(), F.linear(x32, w32)
+        # the last bf16 product multiplies the output of another (a LoRA's two products)
+        chained = F.linear(F.linear(x16, w16), w16.t())
+        return F.linear(x16, w16, b16), x16 @ w16.t(), F.linear(x32, w32), chained
 
     generator = torch.Generator().manual_seed(0)
     x32, w32 = torch.randn(64, 32, generator=generator), torch.randn(16, 32, generator=generator)
@@ -218,9 +220,10 @@ def test_bf16_pass_replaces_only_cpu_bf16_products():
     graph_module = make_fx(products)(*inputs)
     expected = graph_module(*inputs)
     Bf16ProductsInFloat32()(graph_module.graph)
+    graph_module.graph.lint()  # every node's inputs defined before it
     graph_module.recompile()
     targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
-    assert targets.count(bf16_mm_op) == 2
+    assert targets.count(bf16_mm_op) == 4
     assert targets.count(torch.ops.aten.mm.default) == 1  # the float32 one
     assert torch.ops.aten.addmm.default not in targets
     for got, want in zip(graph_module(*inputs), expected, strict=True):
