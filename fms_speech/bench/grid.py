@@ -115,13 +115,13 @@ def time_grid(
     device,
     compile_options: dict,
     repeats: int,
-    widths: list[int] | None = None,
+    hidden_sizes: list[int] | None = None,
 ) -> dict:
-    """The grid of the bench (QUICK_GRID at 2 s with --quick), with its settings; `widths`
-    keeps those of DEFAULT_GRID's widths (hidden sizes) only."""
+    """The grid of the bench (QUICK_GRID at 2 s with --quick), with its settings;
+    `hidden_sizes` keeps only DEFAULT_GRID's widths of those hidden sizes."""
     grid = QUICK_GRID if args_quick else DEFAULT_GRID
-    if widths and not args_quick:
-        grid = tuple(width for width in grid if width.hidden in widths)
+    if hidden_sizes and not args_quick:
+        grid = tuple(width for width in grid if width.hidden in hidden_sizes)
     seconds, batches = (2.0, [1, 2]) if args_quick else (30.0, [1, 4])
     started = time.perf_counter()
     widths = run_grid(grid, seconds, batches, dtype, device, compile_options, repeats)
