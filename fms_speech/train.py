@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fms_speech._compat import fx_config
 from fms_speech.audio import FRAMES_PER_SECOND
-from fms_speech.models.conformer import frame_mask
+from fms_speech.models.conformer import ConformerConvModule, frame_mask
 from fms_speech.models.granite_speech import GraniteSpeech, GraniteSpeechConfig
 from fms_speech.prompts import chat_text, instruction
 from fms_speech.reading import (
@@ -130,6 +131,35 @@ class TrainingObjective(nn.Module):
         final = _log_probs(model.encoder.out(hidden))
         mid = _log_probs(mid_logits) if mid_logits is not None else None
         return cross_entropy, final, mid, slot_logits
+
+
+def compile_training_step(objective: TrainingObjective):
+    """The objective under compile_model, one graph (forward and backward) for every length.
+
+    Two things differ from inference, both because the backward would otherwise turn the
+    first batch's lengths into constants and recompile for every batch: the encoder's
+    depthwise convolutions run as products over windows (`ConformerConvModule.windowed`), and
+    shapes are not reasoned about size-obliviously while it compiles (with it, AOTAutograd
+    cannot prove a saved activation's symbolic strides equal to the integer strides inductor
+    reports for it, and gives the backward those integers). Training batches are never 1
+    long, which is what inference needs the size-oblivious rules for.
+    """
+    from fms_speech.compile import compile_model
+
+    windowed_convolutions(objective, True)
+    compiled = compile_model(objective)
+
+    def step(*args):
+        with fx_config.patch(backed_size_oblivious=False):
+            return compiled(*args)
+
+    return step
+
+
+def windowed_convolutions(module: nn.Module, windowed: bool) -> None:
+    for conv in module.modules():
+        if isinstance(conv, ConformerConvModule):
+            conv.windowed = windowed
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -334,12 +364,7 @@ def train(
     objective = TrainingObjective(
         model, with_ctc=options.ctc_weight > 0, with_slot_logits=options.word_slot_weight > 0
     )
-    if options.compile:
-        from fms_speech.compile import compile_model
-
-        step_fn = compile_model(objective)
-    else:
-        step_fn = objective
+    step_fn = compile_training_step(objective) if options.compile else objective
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     result = TrainResult(0, [], [], [], 0.0, 0.0)
     bar = tqdm(
@@ -386,6 +411,7 @@ def train(
     bar.close()
     result.seconds = time.perf_counter() - started
     model.eval()
+    windowed_convolutions(model, False)  # inference's kernel again
     save_pretrained(model, tokenizer, output_dir)
     return result
 

@@ -214,6 +214,12 @@ class ConformerConvModule(nn.Module):
         # 'same' padding, one frame shorter on the right for even kernels (as the reference)
         self.padding = (kernel // 2, kernel // 2 - (kernel + 1) % 2)
         self.depth_conv = nn.Conv1d(inner_dim, inner_dim, kernel, groups=inner_dim, bias=False)
+        # the depthwise convolution as a product over sliding windows (set by the compiled
+        # training step): torch 2.13 inductor's lowering of the convolution's backward turns the
+        # input gradient's strides into integers, so a compiled step specialised the frame
+        # count and recompiled for every length; the windows' backward is indexing and sums.
+        # Inference keeps F.conv1d, the reference's kernel.
+        self.windowed = False
         if config.float32_batch_norm:
             self.batch_norm = Float32BatchNorm1d(inner_dim)
         else:
@@ -233,12 +239,13 @@ class ConformerConvModule(nn.Module):
         x = F.glu(x, dim=-1)
         # padded frames of a short clip must look like the zero padding it gets alone
         x = x * frame_valid.unsqueeze(-1).to(x.dtype)
-        x = F.conv1d(
-            F.pad(x.transpose(1, 2), self.padding),
-            self.depth_conv.weight,
-            stride=self.stride,
-            groups=x.shape[-1],
-        )
+        x = F.pad(x.transpose(1, 2), self.padding)
+        weight = self.depth_conv.weight  # (C, 1, kernel)
+        if self.windowed:
+            windows = x.unfold(-1, weight.shape[-1], self.stride)  # (B, C, frames, kernel)
+            x = (windows * weight).sum(-1)
+        else:
+            x = F.conv1d(x, weight, stride=self.stride, groups=weight.shape[0])
         bn = self.batch_norm
         # inference semantics always: running statistics, whatever the module's mode; in the
         # BatchNorm's own dtype (float32 for granite_speech5)
