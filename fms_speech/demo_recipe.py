@@ -55,7 +55,7 @@ TRAIN_OPTIONS = dict(
     save_every=500,
     seed=TRAIN_SEED,
     pool_batches=32,
-    compile=True,  # one graph for every batch, 1.2x the eager step (docs/demo-model.md)
+    compile=True,  # one graph for every batch; 1.1x the eager loop (docs/demo-model.md)
 )
 
 
