@@ -5,6 +5,8 @@ why it is needed. docs/upstream.md proposes the public API FMS could offer inste
 fms_speech uses public APIs only.
 """
 
+import inspect
+
 import torch._dynamo
 import torch._inductor
 from fms.models import granite as _fms_granite
@@ -23,6 +25,11 @@ fx_config = _torch_fx_config
 maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic
 # ... and marking it unbacked (no size hint, never specialised to 0 or 1: compile_model's batch)
 mark_unbacked = torch._dynamo.decorators.mark_unbacked
+# Whether compile_model can make the batch unbacked (fms_speech.compile): torch 2.13's
+# mark_unbacked takes a lower bound; torch 2.11's (the GPU image's) does not, and its SDPA then
+# guards on the unbacked batch being 1 ("Could not guard on data-dependent expression"), so
+# there the batch stays a backed dynamic size (a first batch of 1 is a graph of its own).
+UNBACKED_BATCH_WORKS = "min" in inspect.signature(mark_unbacked).parameters
 
 # inductor's settings (fms_speech.compile), process-wide like the symbolic-shape ones
 inductor_config = torch._inductor.config

@@ -12,7 +12,9 @@ dynamic graph hold for every shape:
   attention and feed-forward, the head) and of cumsum otherwise asks whether a backed batch is
   1 and guards on the answer, so a first call with a single clip compiled a batch-1 graph and
   the next batch size the dynamic one; an unbacked size has no hint to ask, and one graph per
-  call type serves batch 1 too (docs/compile-efficiency.md);
+  call type serves batch 1 too (docs/compile-efficiency.md); torch 2.11 cannot bound an unbacked
+  size below, so there the batch stays backed (`UNBACKED_BATCH_WORKS`: a first batch of 1 is one
+  more graph per call type);
 - no inductor runtime assertions: with an unbacked input size, torch 2.13's inductor emits
   assertions (the batch >= 1, every input's batch equal) that name symbols its generated code
   never binds (NameError at the first call; the class of pytorch/pytorch#154146). The model's
@@ -29,7 +31,12 @@ from collections.abc import Iterator
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fms_speech._compat import cpu_has_bf16_matmul, fx_config, inductor_config
+from fms_speech._compat import (
+    UNBACKED_BATCH_WORKS,
+    cpu_has_bf16_matmul,
+    fx_config,
+    inductor_config,
+)
 
 aten = torch.ops.aten
 
@@ -48,7 +55,7 @@ def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
     # process-wide: it only changes how symbolic sizes are reasoned about, not results
     for name, value in SYMBOLIC_SHAPE_SETTINGS.items():
         setattr(fx_config, name, value)
-    if hasattr(model, "unbacked_batch"):
+    if hasattr(model, "unbacked_batch") and UNBACKED_BATCH_WORKS:
         model.unbacked_batch = True
         for name, value in INDUCTOR_SETTINGS.items():
             setattr(inductor_config, name, value)

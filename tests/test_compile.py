@@ -85,6 +85,9 @@ def test_equal_sizes_share_one_symbol(checkpoints):
         assert all(shape[0] == batch and shape[2] == past for shape in caches)
         mask = shapes["l_attn_kwargs_mask_"]
         assert (mask[0], mask[-2], mask[-1]) == (batch, length, past + length)
+        for name in ("l_input_features_", "l_feature_lengths_", "l_lora_gate_"):
+            if name in shapes:  # the prefill's audio inputs, every step's gate
+                assert shapes[name][0] == batch, name
     assert len(caches) == 2 * len(model.language_model.base_model.layers)
 
 
@@ -97,6 +100,33 @@ def test_unequal_sizes_fail_before_the_encoder_runs(checkpoints):
         ValueError, match=f"position_ids' length is {length + 1}, expected {length}"
     ):
         model(ids, input_features=features[:, :0], feature_lengths=lengths, position_ids=positions)
+
+
+def test_unequal_batches_fail_before_the_encoder_runs(checkpoints):
+    _, model, _ = checkpoints["odd_layers_even_kernel"]
+    ids, features, lengths = _inputs(model, 2, 37, torch.Generator().manual_seed(0))
+    # the forward's own check (with an unbacked batch the pre-hook's check comes first)
+    unbacked, model.unbacked_batch = model.unbacked_batch, False
+    try:
+        with pytest.raises(ValueError, match="an input's batch is 1, expected 2"):
+            model(ids, input_features=features[:1], feature_lengths=lengths[:1])
+    finally:
+        model.unbacked_batch = unbacked
+
+
+def test_batch_stays_backed_where_torch_cannot_bound_an_unbacked_one(checkpoints, monkeypatch):
+    """torch 2.11 (the GPU image's): compile_model leaves the batch a backed dynamic size."""
+    _, model, _ = checkpoints["odd_layers_even_kernel"]
+    unbacked, model.unbacked_batch = model.unbacked_batch, False
+    try:
+        monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", False)
+        compile_model(model, backend="eager")
+        assert model.unbacked_batch is False
+        monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", True)
+        compile_model(model, backend="eager")
+        assert model.unbacked_batch is True
+    finally:
+        model.unbacked_batch = unbacked
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import fms.models
 import pytest
 import torch
 
+from fms_speech._compat import UNBACKED_BATCH_WORKS
 from fms_speech.compile import compile_model
 from fms_speech.generation import generate
 from fms_speech.testing.graphs import counting_backend
@@ -189,4 +190,7 @@ def test_compiled_matches_eager_with_one_graph_per_phase(
                     )[0, ids.shape[1] :].tolist()
                 tokens = tokens[: tokens.index(EOS)] if EOS in tokens else tokens
                 assert ours.sequences[row] == tokens, f"row {row}"
-    assert graphs == {"prefill": 1, "decode": 1}
+    # torch 2.11 (the GPU image's) cannot make the batch unbacked: the single clip is a graph of
+    # its own there (fms_speech._compat.UNBACKED_BATCH_WORKS)
+    per_phase = 1 if UNBACKED_BATCH_WORKS else 2
+    assert graphs == {"prefill": per_phase, "decode": per_phase}

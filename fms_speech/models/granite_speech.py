@@ -256,7 +256,13 @@ class GraniteSpeech(nn.Module):
         row when `input_features` is given, off otherwise; decode steps after an audio prefill
         pass the prefill's gate again (see fms_speech.generation).
         """
-        _tie_sizes(input_ids, position_ids, past_key_value_states, attn_kwargs.get("mask"))
+        _tie_sizes(
+            input_ids,
+            position_ids,
+            past_key_value_states,
+            attn_kwargs.get("mask"),
+            (input_features, feature_lengths, lora_gate),
+        )
         is_audio = input_ids == self.config.audio_token_index
         text_ids = torch.where(is_audio, torch.zeros_like(input_ids), input_ids)
         embeds = self.language_model.base_model.embedding(text_ids)
@@ -289,7 +295,7 @@ class GraniteSpeech(nn.Module):
         return (logits, cache) if use_cache else logits
 
 
-def _tie_sizes(input_ids, position_ids, past_key_value_states, mask) -> None:
+def _tie_sizes(input_ids, position_ids, past_key_value_states, mask, batched=()) -> None:
     """State the sizes the inputs share, so that a compiled graph has one symbol for each.
 
     compile_model turns duck sizing off (fms_speech.compile), so every input dimension gets its
@@ -298,8 +304,12 @@ def _tie_sizes(input_ids, position_ids, past_key_value_states, mask) -> None:
     prove non-negative), each layer's key and value cache lengths, the mask's sides. Inductor's
     CUDA code generation failed on such graphs (docs/compile-efficiency.md, "The GPU check");
     these checks make the symbols one. In eager they check the inputs before any work.
+    The batch of `input_ids` is also that of every tensor in `batched` (the features, their
+    lengths, the LoRA gate), and at least 1.
     """
     batch, length = input_ids.shape
+    if torch.compiler.is_compiling():
+        torch._check(batch >= 1)
 
     def same(size, expected, what: str) -> None:
         if torch.compiler.is_compiling():
@@ -307,6 +317,9 @@ def _tie_sizes(input_ids, position_ids, past_key_value_states, mask) -> None:
         elif size != expected:
             raise ValueError(f"{what} is {size}, expected {expected}")
 
+    for tensor in batched:
+        if tensor is not None:
+            same(tensor.shape[0], batch, "an input's batch")
     if position_ids is not None:
         same(position_ids.shape[0], batch, "position_ids' batch")
         same(position_ids.shape[1], length, "position_ids' length")
