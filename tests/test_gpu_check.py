@@ -36,6 +36,24 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back from $OUT
 
 
+def test_no_tests_leaves_the_device_tests_out(tmp_path):
+    """--no-tests: the bench alone (here with no time left for it: the bench is skipped too)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    run = subprocess.run(
+        ["bash", script, "--device", "cpu", "--smoke", "--no-tests", "--budget", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    summary = (out / "summary.txt").read_text()
+    assert "tests on cpu: left out (--no-tests)" in summary
+    assert "bench: skipped" in summary and run.returncode == 1  # nothing measured: a failure
+    assert "pytest" not in (out / "check.log").read_text()
+
+
 def test_wheels_list_and_fetch_script_agree():
     """The pinned wheels are the modules the script checks for, and the fetch script reads them."""
     listed = [
