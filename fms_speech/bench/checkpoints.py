@@ -143,5 +143,9 @@ def load_models(args: argparse.Namespace, work: Path, dtype: torch.dtype, device
         config = embedded_config()
         lora = EMBEDDED_LORA
         described = "embedded default (small, random weights)"
-    reference = build_checkpoint(config, directory, dtype, lora).to(device)
+    # drawn where it runs: transformers' initialisation is slow on a CPU (27 s on this project's
+    # 2-core VM for the 3.3-2b shapes with 8 of the 40 LLM layers), and the GPU check's model
+    # step took 111 s of its 540 s; the weights then differ by device, as the RNGs do
+    with torch.device(device):
+        reference = build_checkpoint(config, directory, dtype, lora)
     return Models(reference, load_fms(directory, dtype, device), directory, described, None)
