@@ -210,16 +210,19 @@ def hf_config_from_fms(config, text: dict | None = None):
 def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Give every weight and BatchNorm statistic a non-trivial random value."""
     generator = torch.Generator().manual_seed(seed)
+    # drawn on the generator's CPU whatever the default device (the bench builds its checkpoint
+    # under `torch.device("cuda")`, where a CPU generator would be refused), then copied over
+    cpu = generator.device
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
                 continue
             if name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+                tensor.copy_(torch.rand(tensor.shape, generator=generator, device=cpu) + 0.5)
             elif _NORM_WEIGHT.search(name):
-                tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
+                tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator, device=cpu))
             else:
-                tensor.copy_(scale * torch.randn(tensor.shape, generator=generator))
+                tensor.copy_(scale * torch.randn(tensor.shape, generator=generator, device=cpu))
 
 
 # LayerNorm/BatchNorm scales: near 1 (norm.weight, LayerNorm.weight, norm_out.weight, ...)
@@ -257,8 +260,10 @@ def make_reference(
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if drawn in name:
-                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                param.copy_(scale * noise)
+                noise = torch.randn(
+                    param.shape, generator=generator, dtype=torch.float32, device=generator.device
+                )
+                param.copy_(scale * noise)  # (on the CPU: see randomize)
     return peft_model
 
 
