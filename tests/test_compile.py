@@ -102,35 +102,29 @@ def test_unequal_sizes_fail_before_the_encoder_runs(checkpoints):
         model(ids, input_features=features[:, :0], feature_lengths=lengths, position_ids=positions)
 
 
-def test_unequal_batches_fail_before_the_encoder_runs(checkpoints):
+def test_unequal_batches_fail_before_the_encoder_runs(checkpoints, monkeypatch):
     _, model, _ = checkpoints["odd_layers_even_kernel"]
     ids, features, lengths = _inputs(model, 2, 37, torch.Generator().manual_seed(0))
     # the forward's own check (with an unbacked batch the pre-hook's check comes first)
-    unbacked, model.unbacked_batch = model.unbacked_batch, False
-    try:
-        with pytest.raises(ValueError, match="an input's batch is 1, expected 2"):
-            model(ids, input_features=features[:1], feature_lengths=lengths[:1])
-    finally:
-        model.unbacked_batch = unbacked
+    monkeypatch.setattr(model, "unbacked_batch", False)
+    with pytest.raises(ValueError, match="an input's batch is 1, expected 2"):
+        model(ids, input_features=features[:1], feature_lengths=lengths[:1])
 
 
 def test_batch_stays_backed_where_torch_cannot_bound_an_unbacked_one(checkpoints, monkeypatch):
     """torch 2.11 (the GPU image's): compile_model leaves the batch a backed dynamic size."""
     _, model, _ = checkpoints["odd_layers_even_kernel"]
-    unbacked, model.unbacked_batch = model.unbacked_batch, False
-    try:
-        monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", False)
-        compile_model(model, backend="eager")
-        assert model.unbacked_batch is False
-        monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", True)
-        compile_model(model, backend="eager")
-        assert model.unbacked_batch is True
-    finally:
-        model.unbacked_batch = unbacked
+    monkeypatch.setattr(model, "unbacked_batch", False)
+    monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", False)
+    compile_model(model, backend="eager")
+    assert model.unbacked_batch is False
+    monkeypatch.setattr("fms_speech.compile.UNBACKED_BATCH_WORKS", True)
+    compile_model(model, backend="eager")
+    assert model.unbacked_batch is True
 
 
 @pytest.mark.slow
-def test_plain_torch_compile_needs_at_most_two_graphs(checkpoints):
+def test_plain_torch_compile_needs_at_most_two_graphs(checkpoints, monkeypatch):
     """What an FMS user writes, with torch's default shape settings: the model's forward
     pre-hook marks batch and lengths dynamic, so the first graph already has a symbolic length
     (a first batch of 1 is still specialised: one more graph at the first larger batch)."""
@@ -140,16 +134,13 @@ def test_plain_torch_compile_needs_at_most_two_graphs(checkpoints):
     generator = torch.Generator().manual_seed(0)
     before = counters["stats"]["unique_graphs"]
     defaults = {"backed_size_oblivious": False, "use_duck_shape": True}  # compile_model's undone
-    unbacked, model.unbacked_batch = model.unbacked_batch, False  # (set by compile_model)
-    try:
-        with fx_config.patch(defaults), torch.no_grad():
-            for batch, frames in SHAPES:
-                ids, features, lengths = _inputs(model, batch, frames, generator)
-                actual = compiled(ids, input_features=features, feature_lengths=lengths)
-                expected = model(ids, input_features=features, feature_lengths=lengths)
-                assert relative_error(actual, expected) <= 1e-4, (batch, frames)
-    finally:
-        model.unbacked_batch = unbacked
+    monkeypatch.setattr(model, "unbacked_batch", False)  # (set by compile_model)
+    with fx_config.patch(defaults), torch.no_grad():
+        for batch, frames in SHAPES:
+            ids, features, lengths = _inputs(model, batch, frames, generator)
+            actual = compiled(ids, input_features=features, feature_lengths=lengths)
+            expected = model(ids, input_features=features, feature_lengths=lengths)
+            assert relative_error(actual, expected) <= 1e-4, (batch, frames)
     graphs = counters["stats"]["unique_graphs"] - before
     assert 1 <= graphs <= MAX_PLAIN_GRAPHS, f"{graphs} compilations for {len(SHAPES)} shapes"
 
