@@ -19,6 +19,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,9 @@ class TrainingObjective(nn.Module):
         return cross_entropy, final, mid, slot_logits
 
 
-def compile_training_step(objective: TrainingObjective):
+def compile_training_step(
+    objective: TrainingObjective,
+) -> Callable[..., tuple]:
     """The objective under compile_model, one graph (forward and backward) for every length.
 
     Two things differ from inference, both because the backward would otherwise turn the

@@ -53,3 +53,46 @@ def test_export_state_without_a_state_is_one_line(tmp_path, capsys):
     assert code == 2 and lines == [
         f"fms-speech: error: {tmp_path} has no training_state.pt to export"
     ]
+
+
+def test_finish_steps_below_zero_is_one_line(tmp_path, capsys):
+    args = ["train", "--recipe", "demo", "--output", tmp_path, "--finish-steps", "-1"]
+    code, lines = _run(capsys, *args)
+    assert code == 2 and lines == ["fms-speech: error: --finish-steps must be at least 0"]
+
+
+def test_finish_steps_with_init_is_one_line(tmp_path, capsys):
+    args = ["train", "--init", tmp_path, "--manifest", tmp_path / "m.jsonl", "--output", tmp_path]
+    code, lines = _run(capsys, *args, "--finish-steps", "3")
+    assert (
+        code == 2 and len(lines) == 1 and "--finish-steps is a stage of --recipe demo" in lines[0]
+    )
+
+
+def test_recipe_trains_all_parts_then_freezes_the_encoder(tmp_path, capsys):
+    """The demo recipe's two stages, a few steps each: the first writes DIR/first, the finishing
+    stage DIR; between them the encoder (and its CTC head) is unchanged, the rest trained on.
+    A second call with --resume finds both stages done and runs no step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "demo"
+    args = ["train", "--recipe", "demo", "--output", out, "--steps", "2", "--finish-steps", "2"]
+    args += ["--reading-steps", "1", "--no-progress"]
+    code, _ = _run(capsys, *args)
+    assert code == 0
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 4
+    first, final = (
+        load_file(out / "first" / "model.safetensors"),
+        load_file(out / "model.safetensors"),
+    )
+    assert first.keys() == final.keys()
+    changed = {name for name in first if not (first[name] == final[name]).all()}
+    encoder = {name for name in first if name.startswith("model.encoder.")}
+    assert encoder and not changed & encoder
+    assert any(name.startswith("model.projector.") for name in changed)
+    assert any(name.startswith("model.language_model.") for name in changed), sorted(changed)[:5]
+    code, _ = _run(capsys, *args, "--resume")
+    assert code == 0
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 0
