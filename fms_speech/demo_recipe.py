@@ -42,12 +42,9 @@ HELD_OUT_VOICE = "en-US+m7"
 TRAIN_SEED, HELD_OUT_SEED = 0, 1_000_003
 AUGMENTATION = Augmentation()
 
-# training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields), in two stages.
-# First all parts learn together; eager, since compiling (about 5.5 minutes) pays back only
-# after about an hour of steps at the 1.1x it gives here (docs/demo-model.md, "Compiled
-# training"; `--compile` still compiles)
+# training: what `--recipe demo` runs (fms_speech.train.TrainOptions fields)
 TRAIN_OPTIONS = dict(
-    steps=5500,
+    steps=8500,
     batch_size=8,
     learning_rate=2e-3,
     warmup_steps=200,
@@ -58,22 +55,8 @@ TRAIN_OPTIONS = dict(
     save_every=500,
     seed=TRAIN_SEED,
     pool_batches=32,
-    compile=False,
+    compile=True,  # one graph for every batch; 1.1x the eager loop (docs/demo-model.md)
 )
-# then the encoder is frozen (a step costs half: its backward is gone) and the projector, LoRA
-# and LLM go on learning to read it, from a restarted, lower learning rate: the seventh
-# session's continuation that took the shipped model from 65.6% to 50.0% WER
-# (docs/demo-model.md, "Eighth session"); it draws fresh sentences (another seed)
-FINISH_OPTIONS = dict(
-    TRAIN_OPTIONS,
-    steps=6000,
-    learning_rate=5e-4,
-    warmup_steps=100,
-    parts=("projector", "lora", "llm"),
-    ctc_weight=0.0,  # the CTC head is the encoder's: frozen with it
-    reading_steps=0,
-)
-FINISH_SEED_OFFSET = 7  # the finishing stage's seed: the first stage's plus this
 
 
 def word_list() -> tuple[str, ...]:

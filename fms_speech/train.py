@@ -134,9 +134,7 @@ class TrainingObjective(nn.Module):
         return cross_entropy, final, mid, slot_logits
 
 
-def compile_training_step(
-    objective: TrainingObjective,
-) -> Callable[..., tuple]:
+def compile_training_step(objective: TrainingObjective) -> Callable[..., tuple]:
     """The objective under compile_model, one graph (forward and backward) for every length.
 
     Two things differ from inference, both because the backward would otherwise turn the
@@ -462,12 +460,7 @@ def add_train_arguments(parser) -> None:
     )
     source.add_argument("--init", metavar="DIR", help="start from this checkpoint directory")
     parser.add_argument("--manifest", type=Path, help="JSON lines of {audio, text} (with --init)")
-    parser.add_argument("--steps", type=int, help="steps (with --recipe: of its first stage)")
-    parser.add_argument(
-        "--finish-steps",
-        type=int,
-        help="--recipe demo: steps of its finishing stage, encoder frozen (0: none)",
-    )
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--warmup-steps", type=int)
@@ -528,18 +521,23 @@ def run_train(args) -> int:
             f"fms-speech: wrote the checkpoint of step {step} into {args.output}", file=sys.stderr
         )
         return 0
-    if args.finish_steps is not None and args.recipe != "demo":
-        return fail("--finish-steps is a stage of --recipe demo; with --init, use --steps")
     try:
-        finish = None
         if args.recipe == "demo":
             options = options_from(args, demo_recipe.TRAIN_OPTIONS)
-            finish = _finish_options(args, options)
             tokenizer = _recipe_tokenizer(args.output, args.resume)
             config = demo_recipe.model_config(
                 len(tokenizer), tokenizer.convert_tokens_to_ids(demo_recipe.AUDIO)
             )
             model = new_model(config, options.seed)
+            if args.manifest is not None:
+                source = ManifestSpeech(args.manifest, seed=options.seed)
+            else:
+                source = SynthesizedSpeech(
+                    demo_recipe.text_source,
+                    demo_recipe.TRAIN_VOICES,
+                    demo_recipe.AUGMENTATION,
+                    seed=options.seed,
+                )
         else:
             if args.manifest is None:
                 return fail("--init needs a --manifest of the audio and texts to train on")
@@ -548,68 +546,33 @@ def run_train(args) -> int:
             options = options_from(args, {})
             loaded = Transcriber.from_pretrained(args.init)
             model, tokenizer = loaded.model, loaded.tokenizer
-
-        def source(seed: int):
-            if args.manifest is not None:
-                return ManifestSpeech(args.manifest, seed=seed)
-            return SynthesizedSpeech(
-                demo_recipe.text_source,
-                demo_recipe.TRAIN_VOICES,
-                demo_recipe.AUGMENTATION,
-                seed=seed,
-            )
-
-        # the recipe's first stage trains in DIR/first when a finishing stage follows in DIR
-        stages = [(options, Path(args.output) / ("first" if finish else ""))]
-        stages += [(finish, Path(args.output))] if finish else []
-        sources = [source(stage.seed) for stage, _ in stages]
+            source = ManifestSpeech(args.manifest, seed=options.seed)
     except (ValueError, OSError, ManifestError) as error:
         return fail(str(error).splitlines()[0])
     started = time.perf_counter()
-    results = []
     try:
-        for (stage, directory), stage_source in zip(stages, sources, strict=True):
-            if directory != Path(args.output):
-                directory.mkdir(parents=True, exist_ok=True)
-                tokenizer.save_pretrained(directory)  # so that --export-state can write it
-            results.append(
-                train(
-                    model,
-                    tokenizer,
-                    stage_source,
-                    stage,
-                    directory,
-                    resume=args.resume,
-                    progress=not args.no_progress,
-                )
-            )
+        result = train(
+            model,
+            tokenizer,
+            source,
+            options,
+            args.output,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
     except (ValueError, FloatingPointError) as error:
         return fail(str(error).splitlines()[0])
-    last = results[-1]
     summary = {
-        "steps": sum(result.steps for result in results),
+        "steps": result.steps,
         "seconds": round(time.perf_counter() - started, 1),
-        "final_loss": _mean_tail(last.losses),
-        "final_cross_entropy": _mean_tail(last.cross_entropy),
-        "final_ctc": _mean_tail(last.ctc),
-        "audio_hours": round(sum(result.audio_seconds for result in results) / 3600, 2),
+        "final_loss": _mean_tail(result.losses),
+        "final_cross_entropy": _mean_tail(result.cross_entropy),
+        "final_ctc": _mean_tail(result.ctc),
+        "audio_hours": round(result.audio_seconds / 3600, 2),
     }
     (Path(args.output) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), file=sys.stderr)
     return 0
-
-
-def _finish_options(args, first: TrainOptions) -> TrainOptions | None:
-    """The recipe's finishing stage (demo_recipe.FINISH_OPTIONS), or None with --finish-steps 0."""
-    from fms_speech import demo_recipe
-
-    values = dict(demo_recipe.FINISH_OPTIONS, compile=first.compile)
-    values["seed"] = first.seed + demo_recipe.FINISH_SEED_OFFSET
-    if args.finish_steps is not None:
-        if args.finish_steps < 0:
-            raise ValueError("--finish-steps must be at least 0")
-        values["steps"] = args.finish_steps
-    return TrainOptions(**values) if values["steps"] > 0 else None
 
 
 def export_state(directory: str | Path) -> int:
