@@ -11,11 +11,16 @@
 # and writes check.log, summary.txt and the bench report (bench.md, bench.json, plots) into the
 # output folder: --output-dir, else $OUT, else ./gpu-check.
 #
-#   scripts/gpu_check.sh [--device cuda] [--smoke] [--no-tests] [--output-dir DIR] [--budget SECONDS]
+#   scripts/gpu_check.sh [--device cuda] [--smoke] [--no-tests] [--systems "A B"] [--output-dir DIR]
+#                        [--budget SECONDS]
 #
 # --no-tests leaves step 2 out: the bench alone, for a lease with too little time for both (the
 # bench also compares every system's greedy tokens and logits with the reference's and counts
 # the compiled graphs).
+#
+# --systems replaces the bench's systems (those of `fms-speech bench --systems`). On the H200 a
+# compiled system takes about 350-400 s at the 3.3-2b shapes, so one call fits one of them:
+# --no-tests --systems "fms-eager fms-compiled-cuda-graphs".
 #
 # --device cpu --smoke is the dry run tests/test_gpu_check.py makes on every CI run: the same
 # steps on tiny shapes (the bench's --quick model, the tests without their compiled part).
@@ -25,6 +30,7 @@ cd "$(dirname "$0")/.."
 device=cuda
 smoke=0
 with_tests=1
+systems=""
 out_dir="${OUT:-gpu-check}"
 budget=540  # seconds for the whole check (a call may run 600 s)
 while [ $# -gt 0 ]; do
@@ -32,6 +38,7 @@ while [ $# -gt 0 ]; do
         --device) device="$2"; shift 2 ;;
         --smoke) smoke=1; shift ;;
         --no-tests) with_tests=0; shift ;;
+        --systems) systems="$2"; shift 2 ;;
         --output-dir) out_dir="$2"; shift 2 ;;
         --budget) budget="$2"; shift 2 ;;
         *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
@@ -122,6 +129,11 @@ else
            --systems ref-eager fms-eager fms-compiled fms-compiled-cuda-graphs ref-compiled
            --lengths 10 --batch-sizes 4 --max-new-tokens 16 --repeats 3 --warmup 2
            --skip mixed warm-cache encoder-grid explain modules)
+fi
+if [ -n "$systems" ]; then
+    # the bench's own --systems replaces the list above (argparse keeps the last one given)
+    read -r -a chosen <<< "$systems"
+    bench+=(--systems "${chosen[@]}")
 fi
 if [ $left -lt 60 ]; then
     note "bench: skipped, $left s left of the $budget s budget"

@@ -76,3 +76,23 @@ def test_wheels_list_and_fetch_script_agree():
     check = (ROOT / "scripts" / "gpu_check.sh").read_text()
     for module in ("fms", "soxr", "soundfile", "espeakng_loader", "cffi"):
         assert f'"{module}"' in check
+
+
+def test_systems_replaces_the_benchs_systems(tmp_path):
+    """--systems: the bench measures those systems alone (here fms eager on the --quick model)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    run = subprocess.run(
+        ["bash", script, "--device", "cpu", "--smoke", "--no-tests", "--systems", "fms-eager"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    summary = (out / "summary.txt").read_text()
+    assert run.returncode == 0, summary + (out / "check.log").read_text()[-3000:]
+    report = (out / "bench.md").read_text()
+    (systems,) = [line for line in report.splitlines() if line.startswith("- systems: ")]
+    # without --systems the smoke bench measures reference eager, fms eager and fms compiled
+    assert systems.startswith("- systems: fms eager ("), systems
