@@ -12,17 +12,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
+def _check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """scripts/gpu_check.sh ARGS as the device tool runs it ($OUT set); (the run, $OUT)."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    # cwd elsewhere: the script finds the repository itself
     run = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--smoke"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,  # the script finds the repository itself
+        ["bash", script, *args], capture_output=True, text=True, env=env, cwd=tmp_path
     )
+    return run, out
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
+    run, out = _check(tmp_path, "--device", "cpu", "--smoke")
     summary = (out / "summary.txt").read_text()
     assert run.returncode == 0, summary + (out / "check.log").read_text()[-3000:]
     assert "device: cpu" in summary
@@ -38,16 +42,7 @@ def test_cpu_dry_run_runs_every_step_and_writes_the_report(tmp_path):
 
 def test_no_tests_leaves_the_device_tests_out(tmp_path):
     """--no-tests: the bench alone (here with no time left for it: the bench is skipped too)."""
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
-    script = str(ROOT / "scripts" / "gpu_check.sh")
-    run = subprocess.run(
-        ["bash", script, "--device", "cpu", "--smoke", "--no-tests", "--budget", "0"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    run, out = _check(tmp_path, "--device", "cpu", "--smoke", "--no-tests", "--budget", "0")
     summary = (out / "summary.txt").read_text()
     assert "tests on cpu: left out (--no-tests)" in summary
     assert "bench: skipped" in summary and run.returncode == 1  # nothing measured: a failure
@@ -80,15 +75,8 @@ def test_wheels_list_and_fetch_script_agree():
 
 def test_systems_replaces_the_benchs_systems(tmp_path):
     """--systems: the bench measures those systems alone (here fms eager on the --quick model)."""
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
-    script = str(ROOT / "scripts" / "gpu_check.sh")
-    run = subprocess.run(
-        ["bash", script, "--device", "cpu", "--smoke", "--no-tests", "--systems", "fms-eager"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
+    run, out = _check(
+        tmp_path, "--device", "cpu", "--smoke", "--no-tests", "--systems", "fms-eager"
     )
     summary = (out / "summary.txt").read_text()
     assert run.returncode == 0, summary + (out / "check.log").read_text()[-3000:]
