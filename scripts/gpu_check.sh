@@ -118,23 +118,20 @@ fi
 # 3. the bench, in the time left
 left=$((budget - (SECONDS - started) - 15))
 if [ $smoke -eq 1 ]; then
-    bench=(--quick --device "$device" --systems ref-eager fms-eager fms-compiled
-           --skip mixed warm-cache encoder-grid explain modules)
+    default_systems="ref-eager fms-eager fms-compiled"
+    bench=(--quick --device "$device" --skip mixed warm-cache encoder-grid explain modules)
 else
+    default_systems="ref-eager fms-eager fms-compiled fms-compiled-cuda-graphs ref-compiled"
     # batch 4 alone: each compiled system compiles prefill and decode once (batch 1 would add
     # a graph per phase, minutes at these shapes); two warm-up calls: on the H200 (2026-11-27)
     # the first system's first shape (batch 1) ran slower than its batch of 4 (decode step 68
     # against 49 ms), a warm-up that one call did not cover
     bench=(--variant 3.3-2b --encoder-layers 16 --device "$device" --dtypes bfloat16
-           --systems ref-eager fms-eager fms-compiled fms-compiled-cuda-graphs ref-compiled
            --lengths 10 --batch-sizes 4 --max-new-tokens 16 --repeats 3 --warmup 2
            --skip mixed warm-cache encoder-grid explain modules)
 fi
-if [ -n "$systems" ]; then
-    # the bench's own --systems replaces the list above (argparse keeps the last one given)
-    read -r -a chosen <<< "$systems"
-    bench+=(--systems "${chosen[@]}")
-fi
+read -r -a chosen <<< "${systems:-$default_systems}"
+bench+=(--systems "${chosen[@]}")
 if [ $left -lt 60 ]; then
     note "bench: skipped, $left s left of the $budget s budget"
     bench_code=1
