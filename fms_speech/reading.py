@@ -89,7 +89,7 @@ def teach_reading(
     parameters = [
         p for name, p in model.named_parameters() if not name.startswith(("encoder.", "projector."))
     ]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98), fused=True)
     warmup = max(1, min(100, steps // 10))
     losses = []
     model.train()
