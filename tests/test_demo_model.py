@@ -25,9 +25,9 @@ from fms_speech.transcribe import Transcriber
 HELD_OUT_COUNT = 12
 # the target; the shipped checkpoint misses it (docs/demo-model.md)
 WER_BOUND = 0.10
-# the shipped checkpoint on this test's 12 sentences (82 words): 70.7% measured; the margin is
-# about 7 words (eSpeak NG's jitter moves single words); random weights write none right (100%)
-SHIPPED_WER_BOUND = 0.80
+# the shipped checkpoint on this test's 12 sentences (82 words): 63.4% measured; the margin is
+# about 9 words (eSpeak NG's jitter moves single words); random weights write none right (100%)
+SHIPPED_WER_BOUND = 0.75
 UNDER_TRAINED = pytest.mark.xfail(
     strict=True, reason="the shipped demo model is under-trained (docs/demo-model.md)"
 )
