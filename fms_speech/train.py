@@ -530,15 +530,6 @@ def run_train(args) -> int:
                 len(tokenizer), tokenizer.convert_tokens_to_ids(demo_recipe.AUDIO)
             )
             model = new_model(config, options.seed)
-            if args.manifest is not None:
-                source = ManifestSpeech(args.manifest, seed=options.seed)
-            else:
-                source = SynthesizedSpeech(
-                    demo_recipe.text_source,
-                    demo_recipe.TRAIN_VOICES,
-                    demo_recipe.AUGMENTATION,
-                    seed=options.seed,
-                )
         else:
             if args.manifest is None:
                 return fail("--init needs a --manifest of the audio and texts to train on")
@@ -547,7 +538,15 @@ def run_train(args) -> int:
             options = options_from(args, {})
             loaded = Transcriber.from_pretrained(args.init)
             model, tokenizer = loaded.model, loaded.tokenizer
+        if args.manifest is not None:
             source = ManifestSpeech(args.manifest, seed=options.seed)
+        else:  # only the recipe: --init without a manifest was refused above
+            source = SynthesizedSpeech(
+                demo_recipe.text_source,
+                demo_recipe.TRAIN_VOICES,
+                demo_recipe.AUGMENTATION,
+                seed=options.seed,
+            )
     except (ValueError, OSError, ManifestError) as error:
         return fail(str(error).splitlines()[0])
     started = time.perf_counter()
